@@ -1,0 +1,44 @@
+"""keras-linear-attention: attention in linear time for Keras 3.
+
+"Transformers are RNNs" (Katharopoulos et al., ICML 2020): kernel attention
+`φ(Q)(φ(K)ᵀV)` in O(N), causal attention with prefix sums, and the same
+prefix sums as an RNN state for constant-cost generation.
+"""
+
+from keras_linear_attention import feature_maps, ops
+from keras_linear_attention.feature_maps import (
+    CallableFeatureMap,
+    EluFeatureMap,
+    FavorFeatureMap,
+    FeatureMap,
+    ReluFeatureMap,
+)
+from keras_linear_attention.layers import CausalLinearAttention, LinearMultiHeadAttention
+from keras_linear_attention.weights import load_mha_weights
+from keras_linear_attention.ops import (
+    causal_linear_attention,
+    kernel_attention_scores,
+    linear_attention,
+    linear_attention_step,
+    recurrent_linear_attention,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallableFeatureMap",
+    "CausalLinearAttention",
+    "EluFeatureMap",
+    "FavorFeatureMap",
+    "FeatureMap",
+    "LinearMultiHeadAttention",
+    "ReluFeatureMap",
+    "causal_linear_attention",
+    "feature_maps",
+    "kernel_attention_scores",
+    "linear_attention",
+    "linear_attention_step",
+    "load_mha_weights",
+    "ops",
+    "recurrent_linear_attention",
+]

@@ -1,0 +1,84 @@
+"""Input validation shared by the math and the layers.
+
+Every check raises an error that names the argument and says what was
+expected, so bad input never reaches TensorFlow as an obscure shape error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+
+def dtype_name(x: Any) -> str:
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def check_float(name: str, x: Any) -> None:
+    dtype = dtype_name(x)
+    if "float" not in dtype:
+        raise TypeError(
+            f"`{name}` must be a floating-point tensor; received dtype "
+            f"{dtype}. Cast it first, e.g. `keras.ops.cast({name}, 'float32')`."
+        )
+
+
+def check_rank(name: str, x: Any, rank: int, layout: str) -> None:
+    if len(x.shape) != rank:
+        raise ValueError(
+            f"`{name}` must have rank {rank} with layout {layout}; received "
+            f"shape {tuple(x.shape)}."
+        )
+
+
+def check_dim(name: str, size: Any, other_name: str, other_size: Any) -> None:
+    """Raise if two static sizes are known and differ."""
+    if size is not None and other_size is not None and size != other_size:
+        raise ValueError(
+            f"{name} ({size}) must equal {other_name} ({other_size})."
+        )
+
+
+def check_nonempty(name: str, x: Any, axis: int = 1) -> None:
+    size = x.shape[axis]
+    if size is not None and size == 0:
+        raise ValueError(
+            f"`{name}` has sequence length 0 (shape {tuple(x.shape)}); "
+            "attention needs at least one position."
+        )
+
+
+def is_concrete(x: Any) -> bool:
+    """True when `x` holds values now (eager), False inside a traced graph."""
+    try:
+        import tensorflow as tf
+
+        if isinstance(x, tf.Tensor):
+            return tf.executing_eagerly() and hasattr(x, "numpy")
+    except ImportError:  # pragma: no cover - TF is a hard dependency today
+        pass
+    try:
+        bool(ops.all(x))
+        return True
+    except Exception:  # tracer of another backend
+        return False
+
+
+def assert_at_runtime(condition: Any, message: str) -> Any:
+    """Check a data-dependent `condition` wherever the backend allows it.
+
+    Eager: raises `ValueError(message)` at once. TensorFlow graph: adds an
+    assertion op. Returns a float 1.0/NaN factor that the caller multiplies
+    into its output, so a violated condition is never silent under XLA,
+    which drops assertion ops.
+    """
+    if is_concrete(condition):
+        if not bool(ops.all(condition)):
+            raise ValueError(message)
+    elif keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.debugging.Assert(ops.all(condition), [message])
+    return ops.where(ops.all(condition), 1.0, float("nan"))

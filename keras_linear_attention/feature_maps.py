@@ -1,0 +1,229 @@
+"""Kernel feature maps φ for linear attention.
+
+`get(identifier)` turns a name (`"elu"`, `"relu"`, `"favor"`), a config
+dict, a Keras layer (used as a trainable feature map) or a plain callable
+into a layer that maps `(..., D)` to `(..., D')` with non-negative values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import keras
+from keras import ops
+
+PACKAGE = "keras_linear_attention"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class FeatureMap(keras.layers.Layer):
+    """Base class: a layer applying φ to the last axis.
+
+    Subclasses override `call` and, when φ changes the last dimension,
+    `output_dim`. The attention layers call `redraw_if_due(training)` once
+    per forward pass, before φ is applied to queries and keys.
+    """
+
+    def output_dim(self, input_dim: int) -> int:
+        return input_dim
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.output_dim(input_shape[-1]),)
+
+    def redraw_if_due(self, training: Any = None) -> None:
+        """Hook for random feature maps; deterministic maps do nothing."""
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class EluFeatureMap(FeatureMap):
+    """φ(x) = elu(x) + 1, the default of "Transformers are RNNs"."""
+
+    def call(self, x):
+        return ops.elu(x) + ops.cast(1.0, x.dtype)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ReluFeatureMap(FeatureMap):
+    """φ(x) = relu(x). Rows that are all zero give a zero output (eps)."""
+
+    def call(self, x):
+        return ops.relu(x)
+
+
+def orthogonal_random_features(
+    input_dim: int, num_features: int, seed: Any = None, dtype: str = "float32"
+) -> Any:
+    """Return a `(input_dim, num_features)` matrix of orthogonal Gaussian rows.
+
+    Blocks of `input_dim` mutually orthogonal directions (QR of a Gaussian
+    matrix), each rescaled to the norm of an independent Gaussian vector so
+    that every column is marginally N(0, I) (Performer, FAVOR+).
+    """
+    if not isinstance(seed, keras.random.SeedGenerator):
+        seed = keras.random.SeedGenerator(seed)  # independent draws below
+    blocks = math.ceil(num_features / input_dim)
+    gaussian = keras.random.normal((blocks, input_dim, input_dim), seed=seed, dtype=dtype)
+    q, r = ops.qr(gaussian)
+    # Fix QR's sign ambiguity so Q is Haar-distributed (uniform directions);
+    # without it the kernel estimate is biased.
+    q = q * ops.sign(ops.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
+    directions = ops.reshape(ops.transpose(q, (0, 2, 1)), (-1, input_dim))[:num_features]
+    chi = keras.random.normal((num_features, input_dim), seed=seed, dtype=dtype)
+    norms = ops.sqrt(ops.sum(ops.square(chi), axis=-1))
+    return ops.transpose(directions * norms[:, None])
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class FavorFeatureMap(FeatureMap):
+    """Positive orthogonal random features approximating the softmax kernel.
+
+    `φ(x) = exp(Wᵀx' - |x'|²/2) / sqrt(m)` with `x' = x / D^{1/4}`, so that
+    `E[φ(q)·φ(k)] = exp(q·k / sqrt(D))` (Performer's FAVOR+). `W` is a
+    non-trainable weight: it is saved, exported and restored with the model.
+
+    Args:
+        num_features: Number of random features `m`; defaults to `2 * D`.
+        seed: Seed for `W` (and its redraws): same seed, same features.
+        redraw_interval: If set, draw a fresh `W` every `redraw_interval`
+            training calls (never at inference). `None` keeps `W` fixed.
+
+    Example:
+
+    >>> fm = FavorFeatureMap(num_features=32, seed=0)
+    >>> fm(keras.ops.ones((2, 5, 4, 16))).shape
+    (2, 5, 4, 32)
+    """
+
+    def __init__(
+        self,
+        num_features: int | None = None,
+        seed: int | None = None,
+        redraw_interval: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        for name, val in (("num_features", num_features), ("redraw_interval", redraw_interval)):
+            if val is not None and (not isinstance(val, int) or val <= 0):
+                raise ValueError(
+                    f"`{name}` must be a positive integer or None; received {val!r}."
+                )
+        self.num_features = num_features
+        self.seed = seed
+        self.redraw_interval = redraw_interval
+        self._seed_generator = keras.random.SeedGenerator(seed)
+
+    def output_dim(self, input_dim: int) -> int:
+        return self.num_features or 2 * input_dim
+
+    def build(self, input_shape):
+        self._input_dim = int(input_shape[-1])
+        m = self.output_dim(self._input_dim)
+        self.projection = self.add_weight(
+            name="projection",
+            shape=(self._input_dim, m),
+            initializer=lambda shape, dtype=None: self._draw(),
+            trainable=False,
+            autocast=False,
+        )
+        if self.redraw_interval:
+            self.calls = self.add_weight(
+                name="calls", shape=(), dtype="int64", initializer="zeros", trainable=False
+            )
+
+    def _draw(self):
+        m = self.output_dim(self._input_dim)
+        return orthogonal_random_features(self._input_dim, m, seed=self._seed_generator)
+
+    def redraw_if_due(self, training=None):
+        if not (training and self.redraw_interval and self.built):
+            return
+        self.calls.assign_add(1)
+        due = ops.equal(self.calls % self.redraw_interval, 0)
+        self.projection.assign(ops.where(due, self._draw(), self.projection))
+
+    def call(self, x):
+        # Exponentials are computed in float32 even under mixed precision.
+        x = ops.cast(x, "float32") * (self._input_dim**-0.25)
+        proj = ops.einsum("...d,dm->...m", x, self.projection)
+        sq_norm = 0.5 * ops.sum(ops.square(x), axis=-1, keepdims=True)
+        m = self.projection.shape[-1]
+        return ops.exp(proj - sq_norm) / math.sqrt(m)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_features": self.num_features,
+            "seed": self.seed,
+            "redraw_interval": self.redraw_interval,
+        }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CallableFeatureMap(FeatureMap):
+    """Wraps a plain function `f(x) -> φ(x)` that keeps the last dimension.
+
+    To save a model with it, register the function with
+    `@keras.saving.register_keras_serializable()`.
+    """
+
+    def __init__(self, function: Callable | str | dict, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(function, (str, dict)):
+            function = keras.saving.deserialize_keras_object(function)
+        if not callable(function):
+            raise TypeError(f"`function` must be callable; received {function!r}.")
+        self.function = function
+
+    def call(self, x):
+        return self.function(x)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "function": keras.saving.serialize_keras_object(self.function),
+        }
+
+
+_BY_NAME = {"elu": EluFeatureMap, "relu": ReluFeatureMap, "favor": FavorFeatureMap}
+
+
+def get(identifier: Any = "elu") -> keras.layers.Layer:
+    """Return a feature-map layer from a name, config, layer or callable.
+
+    Example:
+
+    >>> get("elu")
+    <EluFeatureMap name=elu_feature_map...>
+    """
+    if identifier is None:
+        identifier = "elu"
+    if isinstance(identifier, str):
+        key = identifier.lower()
+        if key not in _BY_NAME:
+            raise ValueError(
+                f"Unknown `feature_map` {identifier!r}; expected one of "
+                f"{sorted(_BY_NAME)}, a Keras layer or a callable."
+            )
+        return _BY_NAME[key]()
+    if isinstance(identifier, dict):
+        return get(keras.saving.deserialize_keras_object(identifier))
+    if isinstance(identifier, keras.layers.Layer):
+        return identifier
+    if callable(identifier):
+        return CallableFeatureMap(identifier)
+    raise TypeError(
+        "`feature_map` must be a name, a Keras layer or a callable; received "
+        f"{identifier!r}."
+    )
+
+
+def output_dim(feature_map: keras.layers.Layer, input_dim: int) -> int:
+    """Feature dimension D' that `feature_map` produces from `input_dim`."""
+    if isinstance(feature_map, FeatureMap):
+        return feature_map.output_dim(input_dim)
+    return int(feature_map.compute_output_shape((None, input_dim))[-1])
+
+
+def serialize(feature_map: keras.layers.Layer) -> Any:
+    return keras.saving.serialize_keras_object(feature_map)

@@ -1,0 +1,6 @@
+"""Keras layers built on the linear-attention math."""
+
+from keras_linear_attention.layers.causal_linear_attention import CausalLinearAttention
+from keras_linear_attention.layers.linear_multi_head_attention import LinearMultiHeadAttention
+
+__all__ = ["CausalLinearAttention", "LinearMultiHeadAttention"]

@@ -1,0 +1,349 @@
+"""`LinearMultiHeadAttention`: a drop-in for `keras.layers.MultiHeadAttention`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+from keras import ops
+
+from keras_linear_attention import _checks
+from keras_linear_attention._keras_compat import get_keras_mask, set_keras_mask
+from keras_linear_attention import feature_maps as fm_lib
+from keras_linear_attention import ops as la_ops
+from keras_linear_attention.layers import _masks
+
+PACKAGE = "keras_linear_attention"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
+    """Multi-head attention in linear time ("Transformers are RNNs").
+
+    Same arguments, call signature, sublayers (`query`, `key`, `value`,
+    `attention_output`) and weights as `keras.layers.MultiHeadAttention`,
+    so `lin.set_weights(mha.get_weights())` works, but softmax(QKᵀ)V is
+    replaced by kernel attention `φ(Q)(φ(K)ᵀV)` normalised by
+    `φ(Q)(φ(K)ᵀ1) + eps`. Time and memory grow linearly with sequence length.
+
+    Args:
+        num_heads, key_dim, value_dim, use_bias, output_shape,
+        kernel_initializer, bias_initializer, kernel_regularizer,
+        bias_regularizer, activity_regularizer, kernel_constraint,
+        bias_constraint, use_gate, seed: as in `MultiHeadAttention`.
+        dropout: Attention dropout. Softmax attention drops entries of the
+            T×S matrix, which linear attention never builds; here each key
+            (per batch item and head) is dropped from the numerator with
+            probability `dropout` and the rest scaled by `1/(1 - dropout)`,
+            the same mask for every query. The expected output equals the
+            no-dropout output, as with softmax attention dropout.
+        attention_axes: `None` (or all axes between batch and features):
+            inputs of rank > 3 are attended over their flattened positions.
+            Attending over a subset of axes is refused.
+        sliding_window: Not supported (raises if set).
+        flash_attention: Not applicable: linear attention never builds the
+            T×S matrix. `None`/`False` only.
+        feature_map: φ: `"elu"` (elu+1, default), `"relu"`, `"favor"`, a
+            Keras layer (trainable φ) or a callable. See `feature_maps`.
+        eps: Added to the normaliser (default 1e-6).
+        chunk_size: Tokens per chunk of the causal algorithm (speed only).
+
+    Call arguments:
+        query: `(B, T, dim)` (or `(B, *positions, dim)`).
+        value: `(B, S, dim)`.
+        key: Optional `(B, S, dim)`; defaults to `value`.
+        query_mask: `(B, T)`; marks padded queries. Their outputs are
+            computed like any other and the mask is propagated.
+        value_mask, key_mask: `(B, S)`; padded keys are removed from the sums.
+        attention_mask: Key padding only: `(B, S)`, `(B, 1, S)`, or
+            `(B, T, S)` with identical rows. Anything else raises.
+        return_attention_scores: Also return the normalised `(B, H, T, S)`
+            kernel-attention matrix. This is a quadratic-cost diagnostic.
+        training: Enables dropout and random-feature redraws.
+        use_causal_mask: Causal attention (T must equal S), computed
+            chunkwise with prefix sums; no T×S mask is built.
+
+    Example:
+
+    >>> layer = LinearMultiHeadAttention(num_heads=2, key_dim=8)
+    >>> x = keras.random.normal((3, 10, 16))
+    >>> layer(x, x, use_causal_mask=True).shape
+    TensorShape([3, 10, 16])
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        key_dim: int,
+        value_dim: int | None = None,
+        dropout: float = 0.0,
+        use_bias: bool = True,
+        output_shape: Any = None,
+        attention_axes: Any = None,
+        sliding_window: int | None = None,
+        flash_attention: bool | None = None,
+        feature_map: Any = "elu",
+        eps: float = la_ops.DEFAULT_EPS,
+        chunk_size: int = la_ops.DEFAULT_CHUNK_SIZE,
+        **kwargs,
+    ):
+        _refuse_softmax_options(sliding_window, flash_attention)
+        _check_knobs(dropout, eps, chunk_size)
+        # Keras's flash-attention bookkeeping does not apply; hand it
+        # dropout=0 so a global `enable_flash_attention()` cannot object.
+        super().__init__(
+            num_heads=num_heads,
+            key_dim=key_dim,
+            value_dim=value_dim,
+            dropout=0.0,
+            use_bias=use_bias,
+            output_shape=output_shape,
+            attention_axes=attention_axes,
+            flash_attention=False,
+            **kwargs,
+        )
+        self._dropout = float(dropout)
+        self._flash_attention = False
+        self._eps = float(eps)
+        self._chunk_size = chunk_size
+        self._feature_map = fm_lib.get(feature_map)
+
+    @property
+    def feature_map(self) -> keras.layers.Layer:
+        return self._feature_map
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.pop("sliding_window", None)
+        config.update(
+            feature_map=fm_lib.serialize(self._feature_map),
+            eps=self._eps,
+            chunk_size=self._chunk_size,
+        )
+        return config
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        super().build(query_shape, value_shape, key_shape)
+        if not self._feature_map.built:
+            self._feature_map.build((None, None, self._num_heads, self._key_dim))
+
+    def _build_attention(self, rank):
+        all_axes = tuple(range(1, rank - 2))
+        if self._attention_axes is not None:
+            axes = tuple(a if a >= 0 else (rank - 1) + a for a in self._attention_axes)
+            if tuple(sorted(axes)) != all_axes:
+                raise ValueError(
+                    f"`attention_axes={self._attention_axes}` attends over a "
+                    "subset of the positional axes, which LinearMultiHeadAttention "
+                    f"does not support; use None (all of {all_axes}, flattened)."
+                )
+        self._attention_axes = all_axes
+        # One dropout mask per (batch, key, head), shared by all queries.
+        self._dropout_layer = keras.layers.Dropout(
+            rate=self._dropout,
+            noise_shape=(None, None, None, 1),
+            seed=self.seed,
+            dtype=self.dtype_policy,
+        )
+
+    def call(
+        self,
+        query,
+        value,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+    ):
+        key = value if key is None else key
+        self._check_inputs(query, value, key)
+        if query_mask is None:
+            query_mask = get_keras_mask(query)
+        for x in (query, value, key):
+            set_keras_mask(x, None)
+        key_padding, factor = self._key_padding(
+            query, value, value_mask, key_mask, attention_mask, use_causal_mask
+        )
+        out, scores = self._attend(
+            query,
+            key,
+            value,
+            key_padding,
+            causal=use_causal_mask,
+            training=training,
+            return_scores=return_attention_scores,
+        )
+        if factor is not None:
+            out = out * ops.cast(factor, out.dtype)
+        if query_mask is not None:
+            set_keras_mask(out, query_mask)
+        return (out, scores) if return_attention_scores else out
+
+    def _attend(
+        self,
+        query,
+        key,
+        value,
+        key_padding,
+        causal,
+        training,
+        return_scores=False,
+        initial_state=None,
+        return_state=False,
+    ):
+        """Project, apply φ, run the linear-attention math, project back."""
+        q_positions = ops.shape(query)[1:-1]
+        k_positions = ops.shape(key)[1:-1]
+        gate = self._gate_dense(query) if self._use_gate else None
+        q = _flatten_positions(self._query_dense(query))
+        k = _flatten_positions(self._key_dense(key))
+        v = _flatten_positions(self._value_dense(value))
+        self._feature_map.redraw_if_due(training)
+        phi_q, phi_k = self._feature_map(q), self._feature_map(k)
+        v = self._dropout_layer(v, training=training)
+        state = None
+        if causal:
+            result = la_ops.causal_linear_attention(
+                phi_q,
+                phi_k,
+                v,
+                key_mask=key_padding,
+                initial_state=initial_state,
+                chunk_size=self._chunk_size,
+                eps=self._eps,
+                return_state=return_state,
+            )
+            out, state = result if return_state else (result, None)
+        else:
+            out = la_ops.linear_attention(phi_q, phi_k, v, key_mask=key_padding, eps=self._eps)
+        out = ops.reshape(out, _concat_shape(ops.shape(out)[:1], q_positions, out.shape[-2:]))
+        if gate is not None:
+            out = out * gate
+        out = self._output_dense(out)
+        scores = None
+        if return_scores:
+            scores = la_ops.kernel_attention_scores(
+                phi_q, phi_k, key_mask=key_padding, causal=causal, eps=self._eps
+            )
+            scores = ops.reshape(
+                ops.cast(scores, self.compute_dtype),
+                _concat_shape(ops.shape(scores)[:2], q_positions, k_positions),
+            )
+        return out, (state if return_state else scores)
+
+    def _check_inputs(self, query, value, key):
+        layout = "(batch, positions..., features)"
+        for name, x in (("query", query), ("value", value), ("key", key)):
+            _checks.check_float(name, x)
+            if len(x.shape) < 3:
+                raise ValueError(
+                    f"`{name}` must have rank >= 3 with layout {layout}; "
+                    f"received shape {tuple(x.shape)}."
+                )
+            for axis in range(1, len(x.shape) - 1):
+                _checks.check_nonempty(name, x, axis)
+        if not (len(query.shape) == len(value.shape) == len(key.shape)):
+            raise ValueError(
+                "`query`, `value` and `key` must have the same rank; received "
+                f"shapes {tuple(query.shape)}, {tuple(value.shape)}, {tuple(key.shape)}."
+            )
+        if tuple(key.shape[1:-1]) != tuple(value.shape[1:-1]):
+            raise ValueError(
+                "`key` and `value` must have the same positions; received "
+                f"shapes {tuple(key.shape)} and {tuple(value.shape)}."
+            )
+        if self.built:
+            for name, x, dense in (
+                ("query", query, self._query_dense),
+                ("key", key, self._key_dense),
+                ("value", value, self._value_dense),
+            ):
+                _checks.check_dim(
+                    f"`{name}` feature dim", x.shape[-1], "the size it was built with",
+                    dense.kernel.shape[0],
+                )
+
+    def _key_padding(self, query, value, value_mask, key_mask, attention_mask, causal):
+        batch_pos = lambda x: tuple(x.shape[:-1])  # noqa: E731
+        if causal:
+            _checks.check_dim(
+                "With use_causal_mask=True, the query length",
+                _num_positions(query), "the key length", _num_positions(value),
+            )
+        masks = [
+            _masks.flatten_mask("value_mask", value_mask, batch_pos(value)),
+            _masks.flatten_mask("key_mask", key_mask, batch_pos(value)),
+        ]
+        factor = None
+        if attention_mask is not None:
+            row, factor = _masks.key_padding_from_attention_mask(
+                attention_mask, _num_positions(query), _num_positions(value), causal
+            )
+            masks.append(row)
+        return _masks.combine(*masks), factor
+
+    def compute_output_spec(
+        self,
+        query,
+        value,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+    ):
+        out = keras.KerasTensor(
+            self.compute_output_shape(query.shape, value.shape, None if key is None else key.shape),
+            dtype=self.compute_dtype,
+        )
+        if not return_attention_scores:
+            return out
+        shape = (query.shape[0], self._num_heads, *query.shape[1:-1], *value.shape[1:-1])
+        return out, keras.KerasTensor(shape, dtype=self.compute_dtype)
+
+
+def _flatten_positions(x: Any) -> Any:
+    """(B, *positions, H, F) -> (B, N, H, F)."""
+    if len(x.shape) == 4:
+        return x
+    return ops.reshape(x, (ops.shape(x)[0], -1, x.shape[-2], x.shape[-1]))
+
+
+def _concat_shape(*parts: Any) -> tuple:
+    return tuple(d for part in parts for d in part)
+
+
+def _num_positions(x: Any) -> int | None:
+    dims = x.shape[1:-1]
+    return None if any(d is None for d in dims) else math.prod(dims)
+
+
+def _refuse_softmax_options(sliding_window: Any, flash_attention: Any) -> None:
+    if sliding_window is not None:
+        raise ValueError(
+            "`sliding_window` is not supported by LinearMultiHeadAttention: the "
+            "linear form sums over all (or, causally, all earlier) keys. "
+            f"Received sliding_window={sliding_window!r}; leave it None."
+        )
+    if flash_attention:
+        raise ValueError(
+            "`flash_attention` is a softmax kernel option; linear attention never "
+            "builds the T×S matrix, so it does not apply. Leave it None."
+        )
+
+
+def _check_knobs(dropout: Any, eps: Any, chunk_size: Any) -> None:
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be a float in [0, 1); received {dropout!r}.")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"`eps` must be a non-negative float; received {eps!r}.")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+        raise ValueError(f"`chunk_size` must be a positive integer; received {chunk_size!r}.")

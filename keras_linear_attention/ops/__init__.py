@@ -1,0 +1,25 @@
+"""Linear-attention math on tensors: no layers, no weights.
+
+Inputs are already feature-mapped: `phi_q = φ(Q)`, `phi_k = φ(K)`.
+"""
+
+from keras_linear_attention.ops._common import DEFAULT_EPS
+from keras_linear_attention.ops.causal import DEFAULT_CHUNK_SIZE, causal_linear_attention
+from keras_linear_attention.ops.noncausal import linear_attention
+from keras_linear_attention.ops.recurrent import (
+    initial_state,
+    linear_attention_step,
+    recurrent_linear_attention,
+)
+from keras_linear_attention.ops.scores import kernel_attention_scores
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_EPS",
+    "causal_linear_attention",
+    "initial_state",
+    "kernel_attention_scores",
+    "linear_attention",
+    "linear_attention_step",
+    "recurrent_linear_attention",
+]

@@ -1,0 +1,60 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# On AMX-capable Xeons inside sandboxes that do not grant AMX state, oneDNN's
+# bfloat16 matmul dies with SIGILL (measured: TF 2.21, this machine kind).
+# Capping oneDNN just below AMX avoids it (a lower cap, AVX512_CORE_BF16,
+# segfaults float16 matmuls instead); see README "Numerics".
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_FP16")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_MAX_ERRORS: dict = {}
+
+
+def record_error(name: str, err: float) -> None:
+    """Keep the largest error seen per kind of comparison for the summary."""
+    _MAX_ERRORS[name] = max(_MAX_ERRORS.get(name, 0.0), float(err))
+
+
+def assert_close(name, actual, expected, rtol, atol):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert np.all(np.isfinite(actual)), f"{name}: non-finite values"
+    err = np.max(np.abs(actual - expected)) if actual.size else 0.0
+    record_error(name, err)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=name)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _MAX_ERRORS:
+        return
+    terminalreporter.section("max abs error against the float64 reference")
+    for name in sorted(_MAX_ERRORS):
+        terminalreporter.write_line(f"{name:<48} {_MAX_ERRORS[name]:.3e}")
+
+
+MODES = ["eager", "function", "xla"]
+
+
+def in_mode(fn, mode):
+    """Run `fn` eagerly, as a tf.function, or XLA-compiled."""
+    if mode == "eager":
+        return fn
+    return tf.function(fn, jit_compile=(mode == "xla"), reduce_retracing=False)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _reset_policy():
+    import keras
+
+    yield
+    keras.config.set_dtype_policy("float32")

@@ -1,0 +1,66 @@
+"""Independent, obviously-correct reference: the explicit T×S kernel matrix.
+
+Written with plain TensorFlow ops in float64 (so it can be differentiated),
+sharing no code with the package: feature maps are re-implemented here.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+EPS = 1e-6
+
+
+def elu_plus_one(x):
+    return tf.where(x > 0, x + 1.0, tf.exp(tf.minimum(x, 0.0)))
+
+
+def relu(x):
+    return tf.maximum(x, tf.zeros_like(x))
+
+
+def favor(x, projection):
+    """Performer's positive random features, from the formula."""
+    d = x.shape[-1]
+    x = x / d**0.25
+    proj = tf.einsum("...d,dm->...m", x, tf.cast(projection, x.dtype))
+    return tf.exp(proj - 0.5 * tf.reduce_sum(x * x, -1, keepdims=True)) / np.sqrt(
+        projection.shape[-1]
+    )
+
+
+def kernel_attention(phi_q, phi_k, v, key_mask=None, causal=False, eps=EPS):
+    """(B,T,H,D), (B,S,H,D), (B,S,H,M) -> (B,T,H,M) via the explicit matrix."""
+    phi_q, phi_k, v = (tf.cast(t, tf.float64) for t in (phi_q, phi_k, v))
+    a = tf.einsum("bthd,bshd->bhts", phi_q, phi_k)
+    t, s = a.shape[2], a.shape[3]
+    if key_mask is not None:
+        a = a * tf.cast(key_mask, tf.float64)[:, None, None, :]
+    if causal:
+        a = a * np.tril(np.ones((t, s)))
+    a = a / (tf.reduce_sum(a, -1, keepdims=True) + eps)
+    return tf.einsum("bhts,bshm->bthm", a, v)
+
+
+def layer_weights(layer, dtype=tf.float64):
+    """The layer's weights by sublayer path, e.g. {"query/kernel": ...}."""
+    return {v.path.split("/", 1)[1]: tf.constant(v.numpy(), dtype) for v in layer.weights}
+
+
+def layer_reference(w, query, value, key=None, phi=elu_plus_one, gate=False, **kwargs):
+    """A (Linear)MultiHeadAttention forward pass from its weights `w`.
+
+    Inputs are (B, T, dim) / (B, S, dim); `kwargs` go to `kernel_attention`.
+    """
+    key = value if key is None else key
+    query, key, value = (tf.cast(x, tf.float64) for x in (query, key, value))
+
+    def proj(x, name):
+        return tf.einsum("btd,dhk->bthk", x, w[f"{name}/kernel"]) + w[f"{name}/bias"]
+
+    out = kernel_attention(phi(proj(query, "query")), phi(proj(key, "key")),
+                           proj(value, "value"), **kwargs)
+    if gate:
+        out = out * tf.sigmoid(proj(query, "gate"))
+    return tf.einsum("bthk,hkd->btd", out, w["attention_output/kernel"]) + w[
+        "attention_output/bias"
+    ]
