@@ -14,7 +14,6 @@ from keras_linear_attention.feature_maps import (
     ReluFeatureMap,
 )
 from keras_linear_attention.layers import CausalLinearAttention, LinearMultiHeadAttention
-from keras_linear_attention.weights import load_mha_weights
 from keras_linear_attention.ops import (
     causal_linear_attention,
     kernel_attention_scores,
@@ -22,6 +21,7 @@ from keras_linear_attention.ops import (
     linear_attention_step,
     recurrent_linear_attention,
 )
+from keras_linear_attention.weights import load_mha_weights
 
 __version__ = "0.1.0"
 

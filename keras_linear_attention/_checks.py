@@ -28,17 +28,14 @@ def check_float(name: str, x: Any) -> None:
 def check_rank(name: str, x: Any, rank: int, layout: str) -> None:
     if len(x.shape) != rank:
         raise ValueError(
-            f"`{name}` must have rank {rank} with layout {layout}; received "
-            f"shape {tuple(x.shape)}."
+            f"`{name}` must have rank {rank} with layout {layout}; received shape {tuple(x.shape)}."
         )
 
 
 def check_dim(name: str, size: Any, other_name: str, other_size: Any) -> None:
     """Raise if two static sizes are known and differ."""
     if size is not None and other_size is not None and size != other_size:
-        raise ValueError(
-            f"{name} ({size}) must equal {other_name} ({other_size})."
-        )
+        raise ValueError(f"{name} ({size}) must equal {other_name} ({other_size}).")
 
 
 def check_nonempty(name: str, x: Any, axis: int = 1) -> None:

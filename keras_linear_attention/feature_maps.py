@@ -8,7 +8,8 @@ into a layer that maps `(..., D)` to `(..., D')` with non-negative values.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 from keras import ops
@@ -105,9 +106,7 @@ class FavorFeatureMap(FeatureMap):
         super().__init__(**kwargs)
         for name, val in (("num_features", num_features), ("redraw_interval", redraw_interval)):
             if val is not None and (not isinstance(val, int) or val <= 0):
-                raise ValueError(
-                    f"`{name}` must be a positive integer or None; received {val!r}."
-                )
+                raise ValueError(f"`{name}` must be a positive integer or None; received {val!r}.")
         self.num_features = num_features
         self.seed = seed
         self.redraw_interval = redraw_interval
@@ -213,8 +212,7 @@ def get(identifier: Any = "elu") -> keras.layers.Layer:
     if callable(identifier):
         return CallableFeatureMap(identifier)
     raise TypeError(
-        "`feature_map` must be a name, a Keras layer or a callable; received "
-        f"{identifier!r}."
+        f"`feature_map` must be a name, a Keras layer or a callable; received {identifier!r}."
     )
 
 

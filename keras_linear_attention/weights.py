@@ -49,9 +49,7 @@ def _weights_file(filepath: str, tmp: str) -> str:
         with zipfile.ZipFile(filepath) as archive:
             return archive.extract("model.weights.h5", tmp)
     if not str(filepath).endswith(".weights.h5"):
-        raise ValueError(
-            f"`filepath` must end in .weights.h5 or .keras; received {filepath!r}."
-        )
+        raise ValueError(f"`filepath` must end in .weights.h5 or .keras; received {filepath!r}.")
     return filepath
 
 

@@ -57,10 +57,11 @@ def layer_reference(w, query, value, key=None, phi=elu_plus_one, gate=False, **k
     def proj(x, name):
         return tf.einsum("btd,dhk->bthk", x, w[f"{name}/kernel"]) + w[f"{name}/bias"]
 
-    out = kernel_attention(phi(proj(query, "query")), phi(proj(key, "key")),
-                           proj(value, "value"), **kwargs)
+    out = kernel_attention(
+        phi(proj(query, "query")), phi(proj(key, "key")), proj(value, "value"), **kwargs
+    )
     if gate:
         out = out * tf.sigmoid(proj(query, "gate"))
-    return tf.einsum("bthk,hkd->btd", out, w["attention_output/kernel"]) + w[
-        "attention_output/bias"
-    ]
+    return (
+        tf.einsum("bthk,hkd->btd", out, w["attention_output/kernel"]) + w["attention_output/bias"]
+    )

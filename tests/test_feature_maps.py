@@ -24,8 +24,13 @@ def test_favor_matches_formula_and_is_positive(rng):
     fm = kla.FavorFeatureMap(num_features=32, seed=1)
     out = fm(x)
     assert out.shape == (2, 5, 3, 32)
-    assert_close("feature map favor", out, favor(tf.constant(x, tf.float64), fm.projection.numpy()),
-                 1e-5, 1e-6)
+    assert_close(
+        "feature map favor",
+        out,
+        favor(tf.constant(x, tf.float64), fm.projection.numpy()),
+        1e-5,
+        1e-6,
+    )
     assert np.all(np.asarray(out) > 0)
 
 
@@ -70,8 +75,13 @@ def squared(x):
 
 @pytest.mark.parametrize(
     "identifier",
-    ["elu", "relu", kla.FavorFeatureMap(num_features=12, seed=3, redraw_interval=5), squared,
-     keras.layers.Dense(6, activation="softplus")],
+    [
+        "elu",
+        "relu",
+        kla.FavorFeatureMap(num_features=12, seed=3, redraw_interval=5),
+        squared,
+        keras.layers.Dense(6, activation="softplus"),
+    ],
 )
 def test_feature_map_round_trip(identifier):
     fm = feature_maps.get(identifier)

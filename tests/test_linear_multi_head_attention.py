@@ -47,21 +47,20 @@ def test_layer_matches_reference_with_gradients(rng, mode, t, s, causal, masked)
     if masked:
         mask = tf.concat([tf.ones((2, 1), tf.bool), mask[:, 1:]], 1)
 
-    ours_fn = in_mode(
-        lambda q, v: layer(q, v, value_mask=mask, use_causal_mask=causal), mode
-    )
+    ours_fn = in_mode(lambda q, v: layer(q, v, value_mask=mask, use_causal_mask=causal), mode)
     ours = _forward_and_grads(ours_fn, layer.trainable_variables, query, value)
 
     names = [v.path.split("/", 1)[1] for v in layer.trainable_variables]
     w = layer_weights(layer)
     ref_vars = [w[n] for n in names]
     ref_fn = lambda q, v: layer_reference(  # noqa: E731
-        dict(zip(names, ref_vars)), q, v, key_mask=mask, causal=causal
+        dict(zip(names, ref_vars, strict=True)), q, v, key_mask=mask, causal=causal
     )
-    ref = _forward_and_grads(ref_fn, ref_vars, tf.cast(query, tf.float64),
-                             tf.cast(value, tf.float64))
+    ref = _forward_and_grads(
+        ref_fn, ref_vars, tf.cast(query, tf.float64), tf.cast(value, tf.float64)
+    )
     labels = ["out", "d query", "d value"] + [f"d {n}" for n in names]
-    for label, a, b in zip(labels, ours, ref):
+    for label, a, b in zip(labels, ours, ref, strict=True):
         kind = "causal" if causal else "noncausal"
         assert_close(f"layer {kind} {label.split('/')[0]}", a, b, **TOL)
 
@@ -82,8 +81,9 @@ def test_other_feature_maps_match_reference(rng, name, phi):
 def test_use_gate_matches_reference(rng):
     layer = _layer(use_gate=True)
     x = _x(rng, 2, 5, DIM)
-    assert_close("layer gated", layer(x, x), layer_reference(layer_weights(layer), x, x, gate=True),
-                 **TOL)
+    assert_close(
+        "layer gated", layer(x, x), layer_reference(layer_weights(layer), x, x, gate=True), **TOL
+    )
 
 
 def test_attention_mask_shapes_equal_key_padding(rng):
@@ -141,8 +141,9 @@ def test_return_attention_scores(rng):
     assert scores.shape == (2, HEADS, 3, 7)
     np.testing.assert_allclose(np.sum(scores, -1), 1.0, atol=1e-4)
     np.testing.assert_allclose(out, layer(q, v), rtol=1e-6)
-    sym_out, sym_scores = layer(keras.Input((3, DIM)), keras.Input((7, DIM)),
-                                return_attention_scores=True)
+    sym_out, sym_scores = layer(
+        keras.Input((3, DIM)), keras.Input((7, DIM)), return_attention_scores=True
+    )
     assert tuple(sym_scores.shape) == (None, HEADS, 3, 7)
 
 
@@ -179,8 +180,12 @@ def test_weights_transfer_from_mha(rng):
         w.path.split("/", 1)[1] for w in mha.weights
     ]
     lin.set_weights(mha.get_weights())
-    assert_close("layer after MHA weights", lin(q, v),
-                 layer_reference(layer_weights(lin), q, v, gate=True), **TOL)
+    assert_close(
+        "layer after MHA weights",
+        lin(q, v),
+        layer_reference(layer_weights(lin), q, v, gate=True),
+        **TOL,
+    )
 
 
 def _transformer(attention_cls, vocab=12, length=16):
@@ -210,7 +215,7 @@ def test_drop_in_transformer_trains_and_takes_mha_weights(rng, tmp_path, jit_com
     mha_model.save_weights(tmp_path / "mha.weights.h5")
     lin_model = _transformer(kla.LinearMultiHeadAttention)
     kla.load_mha_weights(lin_model, str(tmp_path / "mha.weights.h5"))
-    for a, b in zip(mha_model.get_weights(), lin_model.get_weights()):
+    for a, b in zip(mha_model.get_weights(), lin_model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     lin_model.set_weights(mha_model.get_weights())  # the in-memory route
 

@@ -37,7 +37,7 @@ def _grads(fn, q, k, v, mask):
 
 def _check(name, ours, ref, dtype):
     tol = dict(rtol=1e-4, atol=2e-5) if dtype == "float32" else dict(rtol=1e-9, atol=1e-10)
-    for label, a, b in zip(["out", "dq", "dk", "dv"], ours, ref):
+    for label, a, b in zip(["out", "dq", "dk", "dv"], ours, ref, strict=True):
         assert_close(f"{name} {label} ({dtype})", a, b, **tol)
 
 
@@ -79,16 +79,25 @@ def test_float64_inputs_are_exact(rng, causal):
     else:
         fn = lambda q, k, v, m: kla.linear_attention(q, k, v, m)  # noqa: E731
     ref = lambda q, k, v, m: kernel_attention(q, k, v, key_mask=m, causal=causal)  # noqa: E731
-    _check("causal" if causal else "noncausal", _grads(fn, q, k, v, mask),
-           _grads(ref, q, k, v, mask), "float64")
+    _check(
+        "causal" if causal else "noncausal",
+        _grads(fn, q, k, v, mask),
+        _grads(ref, q, k, v, mask),
+        "float64",
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 16, 64, 512])
 def test_causal_result_does_not_depend_on_chunk_size(rng, chunk):
     q, k, v = _inputs(rng, 100, dtype="float64")
     out = kla.causal_linear_attention(q, k, v, chunk_size=chunk)
-    assert_close("causal chunk sweep (float64)", out, kernel_attention(q, k, v, causal=True),
-                 rtol=1e-10, atol=1e-11)
+    assert_close(
+        "causal chunk sweep (float64)",
+        out,
+        kernel_attention(q, k, v, causal=True),
+        rtol=1e-10,
+        atol=1e-11,
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -107,12 +116,17 @@ def test_recurrent_equals_chunked_equals_reference(rng, mode):
     ref = kernel_attention(q, k, v, key_mask=mask, causal=True)
     assert_close("recurrent (scan) vs reference", out_r, ref, rtol=1e-4, atol=2e-5)
     assert_close("chunked vs recurrent", out_c, out_r, rtol=1e-4, atol=2e-5)
-    for a, b in zip(state_c, state_r):
+    for a, b in zip(state_c, state_r, strict=True):
         assert_close("final state chunked vs recurrent", a, b, rtol=1e-5, atol=1e-5)
     # The state is exactly the masked sums it stands for.
     phi_k = k * tf.cast(mask, k.dtype)[:, :, None, None]
-    assert_close("final state vs sums", state_c[0], tf.einsum("bshd,bshm->bhdm", phi_k, v),
-                 rtol=1e-5, atol=1e-5)
+    assert_close(
+        "final state vs sums",
+        state_c[0],
+        tf.einsum("bshd,bshm->bhdm", phi_k, v),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert_close("final state vs sums", state_c[1], tf.reduce_sum(phi_k, 1), rtol=1e-5, atol=1e-5)
 
 
@@ -139,23 +153,36 @@ def test_initial_state_continues_a_sequence(rng):
     """Chunked attention over two halves, the second seeded with the first's state."""
     q, k, v = _inputs(rng, 50)
     first, state = kla.causal_linear_attention(q[:, :20], k[:, :20], v[:, :20], return_state=True)
-    second = kla.causal_linear_attention(q[:, 20:], k[:, 20:], v[:, 20:], initial_state=state,
-                                         chunk_size=8)
+    second = kla.causal_linear_attention(
+        q[:, 20:], k[:, 20:], v[:, 20:], initial_state=state, chunk_size=8
+    )
     ref = kernel_attention(q, k, v, causal=True)
-    assert_close("split sequence via initial_state", tf.concat([first, second], 1), ref,
-                 rtol=1e-4, atol=2e-5)
+    assert_close(
+        "split sequence via initial_state", tf.concat([first, second], 1), ref, rtol=1e-4, atol=2e-5
+    )
 
 
 def test_dynamic_shapes_under_xla(rng):
     """One XLA function serves different batch sizes and lengths (not chunk multiples)."""
-    spec = [tf.TensorSpec((None, None, H, D)), tf.TensorSpec((None, None, H, D)),
-            tf.TensorSpec((None, None, H, M))]
-    fn = tf.function(lambda q, k, v: kla.causal_linear_attention(q, k, v, chunk_size=16),
-                     jit_compile=True, input_signature=spec)
+    spec = [
+        tf.TensorSpec((None, None, H, D)),
+        tf.TensorSpec((None, None, H, D)),
+        tf.TensorSpec((None, None, H, M)),
+    ]
+    fn = tf.function(
+        lambda q, k, v: kla.causal_linear_attention(q, k, v, chunk_size=16),
+        jit_compile=True,
+        input_signature=spec,
+    )
     for batch, n in [(1, 1), (3, 17), (2, 48)]:
         q, k, v = _inputs(rng, n, batch=batch)
-        assert_close("causal dynamic shapes (xla)", fn(q, k, v),
-                     kernel_attention(q, k, v, causal=True), rtol=1e-4, atol=2e-5)
+        assert_close(
+            "causal dynamic shapes (xla)",
+            fn(q, k, v),
+            kernel_attention(q, k, v, causal=True),
+            rtol=1e-4,
+            atol=2e-5,
+        )
 
 
 def test_kernel_attention_scores_reproduce_output(rng):
@@ -163,8 +190,13 @@ def test_kernel_attention_scores_reproduce_output(rng):
     mask = _padding(rng, 2, 9)
     scores = kla.kernel_attention_scores(q, k, key_mask=mask)
     out = tf.einsum("bhts,bshm->bthm", scores, tf.cast(v, scores.dtype))
-    assert_close("scores @ v vs linear_attention", out, kla.linear_attention(q, k, v, mask),
-                 rtol=1e-5, atol=1e-6)
+    assert_close(
+        "scores @ v vs linear_attention",
+        out,
+        kla.linear_attention(q, k, v, mask),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert np.all(np.asarray(scores)[..., ~np.asarray(mask)[0]][0] == 0)
 
 

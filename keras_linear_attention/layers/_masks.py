@@ -86,7 +86,7 @@ def flatten_mask(name: str, mask: Any, expected_shape: tuple) -> Any:
         return None
     mask = ops.convert_to_tensor(mask)
     ok = len(mask.shape) == len(expected_shape) and all(
-        _static_match(a, b) for a, b in zip(mask.shape, expected_shape)
+        _static_match(a, b) for a, b in zip(mask.shape, expected_shape, strict=True)
     )
     if not ok:
         raise ValueError(

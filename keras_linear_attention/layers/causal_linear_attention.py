@@ -7,8 +7,8 @@ from typing import Any
 import keras
 
 from keras_linear_attention import feature_maps as fm_lib
-from keras_linear_attention._keras_compat import get_keras_mask, set_keras_mask
 from keras_linear_attention import ops as la_ops
+from keras_linear_attention._keras_compat import get_keras_mask, set_keras_mask
 from keras_linear_attention.layers import _masks
 from keras_linear_attention.layers.linear_multi_head_attention import (
     PACKAGE,
@@ -73,9 +73,7 @@ class CausalLinearAttention(LinearMultiHeadAttention):
         if padding_mask is None:
             padding_mask = keras_mask
         set_keras_mask(inputs, None)
-        key_padding = _masks.flatten_mask(
-            "padding_mask", padding_mask, tuple(inputs.shape[:-1])
-        )
+        key_padding = _masks.flatten_mask("padding_mask", padding_mask, tuple(inputs.shape[:-1]))
         out, state = self._attend(
             inputs,
             inputs,

@@ -9,9 +9,9 @@ import keras
 from keras import ops
 
 from keras_linear_attention import _checks
-from keras_linear_attention._keras_compat import get_keras_mask, set_keras_mask
 from keras_linear_attention import feature_maps as fm_lib
 from keras_linear_attention import ops as la_ops
+from keras_linear_attention._keras_compat import get_keras_mask, set_keras_mask
 from keras_linear_attention.layers import _masks
 
 PACKAGE = "keras_linear_attention"
@@ -254,8 +254,9 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
             )
         if tuple(key.shape[1:-1]) != tuple(value.shape[1:-1]):
             raise ValueError(
-                "`key` and `value` must have the same positions; received "
-                f"shapes {tuple(key.shape)} and {tuple(value.shape)}."
+                "All dimensions of `value` and `key`, except the last one, must "
+                f"be equal. Received: value_shape={tuple(value.shape)} and "
+                f"key_shape={tuple(key.shape)}"
             )
         if self.built:
             for name, x, dense in (
@@ -264,7 +265,9 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
                 ("value", value, self._value_dense),
             ):
                 _checks.check_dim(
-                    f"`{name}` feature dim", x.shape[-1], "the size it was built with",
+                    f"`{name}` feature dim",
+                    x.shape[-1],
+                    "the size it was built with",
                     dense.kernel.shape[0],
                 )
 
@@ -273,7 +276,9 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         if causal:
             _checks.check_dim(
                 "With use_causal_mask=True, the query length",
-                _num_positions(query), "the key length", _num_positions(value),
+                _num_positions(query),
+                "the key length",
+                _num_positions(value),
             )
         masks = [
             _masks.flatten_mask("value_mask", value_mask, batch_pos(value)),

@@ -31,9 +31,26 @@ def check_qkv(phi_q: Any, phi_k: Any, value: Any) -> None:
     _checks.check_dim("phi_k length", phi_k.shape[1], "value length", value.shape[1])
     _checks.check_dim("phi_q heads", phi_q.shape[2], "phi_k heads", phi_k.shape[2])
     _checks.check_dim("phi_k heads", phi_k.shape[2], "value heads", value.shape[2])
-    _checks.check_dim(
-        "phi_q feature dim", phi_q.shape[3], "phi_k feature dim", phi_k.shape[3]
+    _checks.check_dim("phi_q feature dim", phi_q.shape[3], "phi_k feature dim", phi_k.shape[3])
+
+
+def nonempty_factor(x: Any, name: str) -> Any:
+    """Runtime guard for a sequence length unknown until run time.
+
+    Static zero lengths are refused by `check_qkv`; a dynamic one would
+    otherwise give an all-zero output. Returns None (length known) or a
+    1.0/NaN factor for the output (see `_checks.assert_at_runtime`).
+    """
+    if x.shape[1] is not None:
+        return None
+    return _checks.assert_at_runtime(
+        ops.shape(x)[1] > 0,
+        f"`{name}` has sequence length 0; attention needs at least one position.",
     )
+
+
+def guard(out: Any, factor: Any) -> Any:
+    return out if factor is None else out * ops.cast(factor, out.dtype)
 
 
 def mask_keys(phi_k: Any, key_mask: Any) -> Any:
@@ -45,9 +62,7 @@ def mask_keys(phi_k: Any, key_mask: Any) -> Any:
             "`key_mask` must have shape (batch, source_len); received shape "
             f"{tuple(key_mask.shape)}."
         )
-    _checks.check_dim(
-        "key_mask length", key_mask.shape[1], "phi_k length", phi_k.shape[1]
-    )
+    _checks.check_dim("key_mask length", key_mask.shape[1], "phi_k length", phi_k.shape[1])
     mask = ops.cast(ops.cast(key_mask, "bool"), phi_k.dtype)
     return phi_k * mask[:, :, None, None]
 

@@ -78,10 +78,9 @@ def causal_linear_attention(
     _common.check_qkv(phi_q, phi_k, value)
     _checks.check_dim("phi_q length", phi_q.shape[1], "phi_k length", phi_k.shape[1])
     if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(
-            f"`chunk_size` must be a positive integer; received {chunk_size!r}."
-        )
+        raise ValueError(f"`chunk_size` must be a positive integer; received {chunk_size!r}.")
     out_dtype = value.dtype
+    factor = _common.nonempty_factor(phi_k, "phi_k")
     acc = _common.accumulation_dtype(phi_q, phi_k, value)
     phi_q, phi_k, value = _common.cast_all(acc, phi_q, phi_k, value)
     phi_k = _common.mask_keys(phi_k, key_mask)
@@ -108,7 +107,7 @@ def causal_linear_attention(
     numerator = numerator + ops.einsum("bnchd,bnhdm->bnchm", q, kv_prefix)
     denominator = denominator + ops.einsum("bnchd,bnhd->bnch", q, k_sum_prefix)
 
-    out = numerator / (denominator[..., None] + eps)
+    out = _common.guard(numerator / (denominator[..., None] + eps), factor)
     out = ops.reshape(out, (ops.shape(out)[0], -1, out.shape[3], out.shape[4]))
     out = ops.cast(out[:, : ops.shape(phi_q)[1]], out_dtype)
     if not return_state:
@@ -137,7 +136,7 @@ def check_state(state: tuple | None, phi_k: Any, value: Any, acc: str) -> tuple:
     ):
         _checks.check_float(name, s)
         ok = len(s.shape) == len(expected) and all(
-            a is None or b is None or a == b for a, b in zip(s.shape, expected)
+            a is None or b is None or a == b for a, b in zip(s.shape, expected, strict=True)
         )
         if not ok:
             raise ValueError(

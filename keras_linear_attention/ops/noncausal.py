@@ -44,6 +44,7 @@ def linear_attention(
     phi_q, phi_k, value = (ops.convert_to_tensor(t) for t in (phi_q, phi_k, value))
     _common.check_qkv(phi_q, phi_k, value)
     out_dtype = value.dtype
+    factor = _common.nonempty_factor(phi_k, "phi_k")
     acc = _common.accumulation_dtype(phi_q, phi_k, value)
     phi_q, phi_k, value = _common.cast_all(acc, phi_q, phi_k, value)
     phi_k = _common.mask_keys(phi_k, key_mask)
@@ -52,4 +53,4 @@ def linear_attention(
     numerator = ops.einsum("bthd,bhdm->bthm", phi_q, kv)
     denominator = ops.einsum("bthd,bhd->bth", phi_q, k_sum)
     out = numerator / (denominator[..., None] + eps)
-    return ops.cast(out, out_dtype)
+    return ops.cast(_common.guard(out, factor), out_dtype)
