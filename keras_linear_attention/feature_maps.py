@@ -223,5 +223,12 @@ def output_dim(feature_map: keras.layers.Layer, input_dim: int) -> int:
     return int(feature_map.compute_output_shape((None, input_dim))[-1])
 
 
+def redraw_if_due(feature_map: keras.layers.Layer, training: Any = None) -> None:
+    """Let a random feature map redraw; plain Keras layers have no such hook."""
+    hook = getattr(feature_map, "redraw_if_due", None)
+    if hook is not None:
+        hook(training)
+
+
 def serialize(feature_map: keras.layers.Layer) -> Any:
     return keras.saving.serialize_keras_object(feature_map)

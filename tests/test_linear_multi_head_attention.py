@@ -271,3 +271,20 @@ def test_mixed_precision_long_sequence(rng, policy, causal):
     tol = 0.05 if policy == "mixed_float16" else 0.3  # bfloat16 has 8 mantissa bits
     err = np.max(np.abs(out - expected)) / np.max(np.abs(expected))
     assert err < tol, err
+
+
+def test_keras_layer_as_trainable_feature_map(rng):
+    fmap = keras.layers.Dense(8, activation="softplus", name="phi")
+    layer = _layer(feature_map=fmap)
+    x = _x(rng, 2, 5, DIM)
+    with tf.GradientTape() as tape:
+        out = layer(x, x, use_causal_mask=True)
+        loss = tf.reduce_sum(out**2)
+    phi_vars = [v for v in layer.trainable_variables if v.path.startswith(layer.name + "/phi")]
+    assert len(phi_vars) == 2  # kernel and bias of φ train with the layer
+    grads = tape.gradient(loss, [v.value for v in phi_vars])
+    assert all(g is not None and np.any(np.asarray(g) != 0) for g in grads)
+    w = {v.path.split("/", 1)[1]: tf.constant(v.numpy(), tf.float64) for v in phi_vars}
+    phi = lambda z: tf.nn.softplus(z @ w["phi/kernel"] + w["phi/bias"])  # noqa: E731
+    ref = layer_reference(layer_weights(layer), x, x, phi=phi, causal=True)
+    assert_close("layer trainable feature map", out, ref, **TOL)

@@ -74,7 +74,7 @@ class CausalLinearAttention(LinearMultiHeadAttention):
             padding_mask = keras_mask
         set_keras_mask(inputs, None)
         key_padding = _masks.flatten_mask("padding_mask", padding_mask, tuple(inputs.shape[:-1]))
-        out, state = self._attend(
+        out, _, state = self._attend(
             inputs,
             inputs,
             inputs,

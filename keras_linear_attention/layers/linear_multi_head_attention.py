@@ -13,6 +13,7 @@ from keras_linear_attention import feature_maps as fm_lib
 from keras_linear_attention import ops as la_ops
 from keras_linear_attention._keras_compat import get_keras_mask, set_keras_mask
 from keras_linear_attention.layers import _masks
+from keras_linear_attention.ops._common import guard
 
 PACKAGE = "keras_linear_attention"
 
@@ -169,7 +170,7 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         key_padding, factor = self._key_padding(
             query, value, value_mask, key_mask, attention_mask, use_causal_mask
         )
-        out, scores = self._attend(
+        out, scores, _ = self._attend(
             query,
             key,
             value,
@@ -178,8 +179,7 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
             training=training,
             return_scores=return_attention_scores,
         )
-        if factor is not None:
-            out = out * ops.cast(factor, out.dtype)
+        out = guard(out, factor)
         if query_mask is not None:
             set_keras_mask(out, query_mask)
         return (out, scores) if return_attention_scores else out
@@ -196,14 +196,18 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         initial_state=None,
         return_state=False,
     ):
-        """Project, apply φ, run the linear-attention math, project back."""
+        """Project, apply φ, run the linear-attention math, project back.
+
+        Returns `(out, scores, state)`; scores and state are None unless
+        asked for.
+        """
         q_positions = ops.shape(query)[1:-1]
         k_positions = ops.shape(key)[1:-1]
         gate = self._gate_dense(query) if self._use_gate else None
         q = _flatten_positions(self._query_dense(query))
         k = _flatten_positions(self._key_dense(key))
         v = _flatten_positions(self._value_dense(value))
-        self._feature_map.redraw_if_due(training)
+        fm_lib.redraw_if_due(self._feature_map, training)
         phi_q, phi_k = self._feature_map(q), self._feature_map(k)
         v = self._dropout_layer(v, training=training)
         state = None
@@ -234,7 +238,7 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
                 ops.cast(scores, self.compute_dtype),
                 _concat_shape(ops.shape(scores)[:2], q_positions, k_positions),
             )
-        return out, (state if return_state else scores)
+        return out, scores, state
 
     def _check_inputs(self, query, value, key):
         layout = "(batch, positions..., features)"
