@@ -32,6 +32,14 @@ def check_rank(name: str, x: Any, rank: int, layout: str) -> None:
         )
 
 
+def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        expected = "a positive integer or None" if allow_none else "a positive integer"
+        raise ValueError(f"`{name}` must be {expected}; received {value!r}.")
+
+
 def check_dim(name: str, size: Any, other_name: str, other_size: Any) -> None:
     """Raise if two static sizes are known and differ."""
     if size is not None and other_size is not None and size != other_size:

@@ -14,6 +14,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from keras_linear_attention import _checks
+
 PACKAGE = "keras_linear_attention"
 
 
@@ -104,9 +106,8 @@ class FavorFeatureMap(FeatureMap):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        for name, val in (("num_features", num_features), ("redraw_interval", redraw_interval)):
-            if val is not None and (not isinstance(val, int) or val <= 0):
-                raise ValueError(f"`{name}` must be a positive integer or None; received {val!r}.")
+        _checks.check_positive_int("num_features", num_features, allow_none=True)
+        _checks.check_positive_int("redraw_interval", redraw_interval, allow_none=True)
         self.num_features = num_features
         self.seed = seed
         self.redraw_interval = redraw_interval

@@ -15,10 +15,10 @@ UNSUPPORTED = (
 )
 
 
-def _flatten(mask: Any, batch_rank: int = 1) -> Any:
+def _flatten(mask: Any) -> Any:
     """(B, *spatial) -> (B, prod(spatial)) as bool."""
     mask = ops.cast(mask, "bool")
-    if len(mask.shape) == batch_rank + 1:
+    if len(mask.shape) == 2:
         return mask
     return ops.reshape(mask, (ops.shape(mask)[0], -1))
 

@@ -94,11 +94,15 @@ class CausalLinearAttention(LinearMultiHeadAttention):
         feat = fm_lib.output_dim(self._feature_map, self._key_dim)
         return (self._num_heads, feat, self._value_dim), (self._num_heads, feat)
 
+    @property
+    def state_dtype(self) -> str:
+        """float32 (float64 for a float64 layer), whatever the compute dtype."""
+        return "float64" if self.compute_dtype == "float64" else "float32"
+
     def get_initial_state(self, batch_size: Any) -> tuple:
         """Zero state `(kv, k_sum)` for `batch_size` sequences (float32)."""
         (h, d, m), _ = self.state_shapes
-        dtype = "float64" if self.compute_dtype == "float64" else "float32"
-        return la_ops.initial_state(batch_size, h, d, m, dtype=dtype)
+        return la_ops.initial_state(batch_size, h, d, m, dtype=self.state_dtype)
 
     def compute_output_shape(self, inputs_shape):
         return super().compute_output_shape(inputs_shape, inputs_shape)
@@ -109,7 +113,7 @@ class CausalLinearAttention(LinearMultiHeadAttention):
         out = keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype=self.compute_dtype)
         if not return_state:
             return out
-        dtype = "float64" if self.compute_dtype == "float64" else "float32"
+        dtype = self.state_dtype
         kv_shape, sum_shape = self.state_shapes
         batch = inputs.shape[0]
         return out, (

@@ -354,5 +354,4 @@ def _check_knobs(dropout: Any, eps: Any, chunk_size: Any) -> None:
         raise ValueError(f"`dropout` must be a float in [0, 1); received {dropout!r}.")
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"`eps` must be a non-negative float; received {eps!r}.")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
-        raise ValueError(f"`chunk_size` must be a positive integer; received {chunk_size!r}.")
+    _checks.check_positive_int("chunk_size", chunk_size)

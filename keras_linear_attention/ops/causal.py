@@ -77,8 +77,7 @@ def causal_linear_attention(
     phi_q, phi_k, value = (ops.convert_to_tensor(t) for t in (phi_q, phi_k, value))
     _common.check_qkv(phi_q, phi_k, value)
     _checks.check_dim("phi_q length", phi_q.shape[1], "phi_k length", phi_k.shape[1])
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"`chunk_size` must be a positive integer; received {chunk_size!r}.")
+    _checks.check_positive_int("chunk_size", chunk_size)
     out_dtype = value.dtype
     factor = _common.nonempty_factor(phi_k, "phi_k")
     acc = _common.accumulation_dtype(phi_q, phi_k, value)
