@@ -6,6 +6,7 @@ prefix sums as an RNN state for constant-cost generation.
 """
 
 from keras_linear_attention import feature_maps, ops
+from keras_linear_attention.blocks import LinearTransformerDecoder, LinearTransformerEncoder
 from keras_linear_attention.feature_maps import (
     CallableFeatureMap,
     EluFeatureMap,
@@ -13,7 +14,14 @@ from keras_linear_attention.feature_maps import (
     FeatureMap,
     ReluFeatureMap,
 )
-from keras_linear_attention.layers import CausalLinearAttention, LinearMultiHeadAttention
+from keras_linear_attention.generation import RecurrentLM, generate
+from keras_linear_attention.layers import (
+    CausalLinearAttention,
+    LinearMultiHeadAttention,
+    PositionEmbedding,
+    SinusoidalPositionEmbedding,
+)
+from keras_linear_attention.models import build_causal_lm, build_sequence_classifier
 from keras_linear_attention.ops import (
     causal_linear_attention,
     kernel_attention_scores,
@@ -32,9 +40,17 @@ __all__ = [
     "FavorFeatureMap",
     "FeatureMap",
     "LinearMultiHeadAttention",
+    "LinearTransformerDecoder",
+    "LinearTransformerEncoder",
+    "PositionEmbedding",
+    "RecurrentLM",
     "ReluFeatureMap",
+    "SinusoidalPositionEmbedding",
+    "build_causal_lm",
+    "build_sequence_classifier",
     "causal_linear_attention",
     "feature_maps",
+    "generate",
     "kernel_attention_scores",
     "linear_attention",
     "linear_attention_step",

@@ -2,5 +2,14 @@
 
 from keras_linear_attention.layers.causal_linear_attention import CausalLinearAttention
 from keras_linear_attention.layers.linear_multi_head_attention import LinearMultiHeadAttention
+from keras_linear_attention.layers.position_embedding import (
+    PositionEmbedding,
+    SinusoidalPositionEmbedding,
+)
 
-__all__ = ["CausalLinearAttention", "LinearMultiHeadAttention"]
+__all__ = [
+    "CausalLinearAttention",
+    "LinearMultiHeadAttention",
+    "PositionEmbedding",
+    "SinusoidalPositionEmbedding",
+]

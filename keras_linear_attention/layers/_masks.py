@@ -65,10 +65,12 @@ def key_padding_from_attention_mask(
     if causal:
         row = mask[:, -1]
         lower = ops.cast(ops.tril(ops.ones((ops.shape(mask)[1], ops.shape(mask)[2]))), "bool")
-        same = ops.equal(ops.logical_and(mask, lower), ops.logical_and(row[:, None], lower))
+        same = ops.equal(
+            ops.logical_and(mask, lower), ops.logical_and(ops.expand_dims(row, 1), lower)
+        )
     else:
         row = mask[:, 0]
-        same = ops.equal(mask, row[:, None])
+        same = ops.equal(mask, ops.expand_dims(row, 1))
     factor = _checks.assert_at_runtime(
         same,
         UNSUPPORTED.format(causal=hint) + " This (B, T, S) mask has rows that differ.",

@@ -64,7 +64,7 @@ def mask_keys(phi_k: Any, key_mask: Any) -> Any:
         )
     _checks.check_dim("key_mask length", key_mask.shape[1], "phi_k length", phi_k.shape[1])
     mask = ops.cast(ops.cast(key_mask, "bool"), phi_k.dtype)
-    return phi_k * mask[:, :, None, None]
+    return phi_k * ops.expand_dims(mask, (2, 3))
 
 
 def cast_all(dtype: str, *tensors: Any) -> list:

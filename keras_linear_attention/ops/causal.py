@@ -101,12 +101,13 @@ def causal_linear_attention(
     kv_prefix = _exclusive_cumsum(kv_chunk)
     k_sum_prefix = _exclusive_cumsum(k_sum_chunk)
     if kv0 is not None:
-        kv_prefix = kv_prefix + kv0[:, None]
-        k_sum_prefix = k_sum_prefix + k_sum0[:, None]
+        kv_prefix = kv_prefix + ops.expand_dims(kv0, 1)
+        k_sum_prefix = k_sum_prefix + ops.expand_dims(k_sum0, 1)
     numerator = numerator + ops.einsum("bnchd,bnhdm->bnchm", q, kv_prefix)
-    denominator = denominator + ops.einsum("bnchd,bnhd->bnch", q, k_sum_prefix)
+    # A product and sum, not an einsum: TFLite has no builtin for this contraction.
+    denominator = denominator + ops.sum(q * ops.expand_dims(k_sum_prefix, 2), axis=-1)
 
-    out = _common.guard(numerator / (denominator[..., None] + eps), factor)
+    out = _common.guard(numerator / (ops.expand_dims(denominator, -1) + eps), factor)
     out = ops.reshape(out, (ops.shape(out)[0], -1, out.shape[3], out.shape[4]))
     out = ops.cast(out[:, : ops.shape(phi_q)[1]], out_dtype)
     if not return_state:

@@ -52,5 +52,5 @@ def linear_attention(
     k_sum = ops.sum(phi_k, axis=1)
     numerator = ops.einsum("bthd,bhdm->bthm", phi_q, kv)
     denominator = ops.einsum("bthd,bhd->bth", phi_q, k_sum)
-    out = numerator / (denominator[..., None] + eps)
+    out = numerator / (ops.expand_dims(denominator, -1) + eps)
     return ops.cast(_common.guard(out, factor), out_dtype)

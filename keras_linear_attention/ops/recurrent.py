@@ -58,12 +58,12 @@ def linear_attention_step(
     out_dtype = value.dtype
     acc = _common.accumulation_dtype(phi_q, phi_k, value)
     phi_q, phi_k, value = _common.cast_all(acc, phi_q, phi_k, value)
-    kv, k_sum = check_state(state, phi_k[:, None], value[:, None], acc)
+    kv, k_sum = check_state(state, ops.expand_dims(phi_k, 1), ops.expand_dims(value, 1), acc)
     kv = kv + ops.einsum("bhd,bhm->bhdm", phi_k, value)
     k_sum = k_sum + phi_k
     numerator = ops.einsum("bhd,bhdm->bhm", phi_q, kv)
     denominator = ops.einsum("bhd,bhd->bh", phi_q, k_sum)
-    out = numerator / (denominator[..., None] + eps)
+    out = numerator / (ops.expand_dims(denominator, -1) + eps)
     return ops.cast(out, out_dtype), (kv, k_sum)
 
 

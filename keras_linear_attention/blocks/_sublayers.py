@@ -1,0 +1,81 @@
+"""Pieces shared by the encoder and decoder blocks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from keras_linear_attention.layers.causal_linear_attention import CausalLinearAttention
+from keras_linear_attention.layers.linear_multi_head_attention import LinearMultiHeadAttention
+
+ATTENTION_KINDS = ("linear", "softmax")
+
+
+def check_block_args(num_heads: Any, intermediate_dim: Any, dropout: Any, attention: str) -> None:
+    for name, value in (("num_heads", num_heads), ("intermediate_dim", intermediate_dim)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"`{name}` must be a positive integer; received {value!r}.")
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"`dropout` must be a float in [0, 1); received {dropout!r}.")
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"`attention` must be one of {ATTENTION_KINDS}; received {attention!r}.")
+
+
+def head_dim(hidden_dim: int, num_heads: int, key_dim: int | None) -> int:
+    if key_dim is not None:
+        return key_dim
+    if hidden_dim % num_heads:
+        raise ValueError(
+            f"The input feature dim ({hidden_dim}) must be divisible by `num_heads` "
+            f"({num_heads}), or pass `key_dim`."
+        )
+    return hidden_dim // num_heads
+
+
+def initializers(kernel_initializer, bias_initializer) -> dict:
+    """Fresh initializer objects per sublayer, so seeded ones do not repeat."""
+    clone = lambda init: keras.initializers.get(keras.initializers.serialize(init))  # noqa: E731
+    return {
+        "kernel_initializer": clone(kernel_initializer),
+        "bias_initializer": clone(bias_initializer),
+    }
+
+
+def attention_layer(kind: str, causal_state: bool, name: str, **kwargs) -> keras.layers.Layer:
+    """Linear (optionally the stateful causal layer) or Keras softmax MHA."""
+    if kind == "softmax":
+        kwargs.pop("feature_map", None)
+        return keras.layers.MultiHeadAttention(name=name, **kwargs)
+    cls = CausalLinearAttention if causal_state else LinearMultiHeadAttention
+    return cls(name=name, **kwargs)
+
+
+class FeedForward(keras.layers.Layer):
+    """Dense → activation → dropout → Dense → dropout (not serialized alone)."""
+
+    def __init__(self, intermediate_dim, activation, dropout, initializers, **kwargs):
+        super().__init__(**kwargs)
+        self._intermediate = keras.layers.Dense(
+            intermediate_dim, activation=activation, name="intermediate", **initializers
+        )
+        self._hidden_dropout = keras.layers.Dropout(dropout)
+        self._output_dropout = keras.layers.Dropout(dropout)
+        self._initializers = initializers
+        self._output = None
+
+    def build(self, inputs_shape):
+        self._output = keras.layers.Dense(inputs_shape[-1], name="output", **self._initializers)
+        self._intermediate.build(inputs_shape)
+        self._output.build((*inputs_shape[:-1], self._intermediate.units))
+
+    def call(self, x, training=None):
+        x = self._hidden_dropout(self._intermediate(x), training=training)
+        return self._output_dropout(self._output(x), training=training)
+
+
+def residual(x, sublayer, norm, norm_first: bool):
+    """Pre-norm `x + f(norm(x))` or post-norm `norm(x + f(x))`."""
+    if norm_first:
+        return x + sublayer(norm(x))
+    return norm(x + sublayer(x))

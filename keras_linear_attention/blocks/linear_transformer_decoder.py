@@ -1,0 +1,217 @@
+"""`LinearTransformerDecoder`: causal self-attention with a recurrent state."""
+
+from __future__ import annotations
+
+import keras
+
+from keras_linear_attention import feature_maps as fm_lib
+from keras_linear_attention._keras_compat import get_keras_mask
+from keras_linear_attention.blocks import _sublayers
+
+PACKAGE = "keras_linear_attention"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class LinearTransformerDecoder(keras.layers.Layer):
+    """Transformer decoder block: causal linear self-attention, optional
+    linear cross-attention to an encoder output, and a feed-forward sub-block.
+
+    The self-attention is a `CausalLinearAttention`, so the block is also an
+    RNN: `return_state=True` returns its `(kv, k_sum)` state after the
+    sequence, and `initial_state=` continues from it, one token at a time
+    or in chunks, at a cost independent of the context length.
+
+    Args:
+        num_heads: Number of attention heads.
+        intermediate_dim: Hidden width of the feed-forward sub-block.
+        key_dim: Size of each head; defaults to `input_dim // num_heads`.
+        dropout: Dropout rate.
+        activation: Feed-forward activation.
+        norm_first: Pre-norm (True) or post-norm (False).
+        layer_norm_epsilon: Epsilon of the layer norms.
+        attention: `"linear"` or `"softmax"` (Keras MHA with a causal mask,
+            for comparisons; it has no recurrent state).
+        feature_map: φ for linear attention.
+        kernel_initializer, bias_initializer: For every dense sublayer.
+
+    Call arguments:
+        inputs: `(B, T, dim)` float tensor.
+        padding_mask: Optional `(B, T)` mask; defaults to the Keras mask.
+        encoder_outputs: Optional `(B, S, enc_dim)`: adds cross-attention
+            (decided when the block is built).
+        encoder_padding_mask: Optional `(B, S)` mask of `encoder_outputs`.
+        initial_state: Optional self-attention state from a previous call.
+        return_state: Also return the self-attention state.
+        training: Enables dropout.
+
+    Example:
+
+    >>> block = LinearTransformerDecoder(num_heads=2, intermediate_dim=32)
+    >>> x = keras.random.normal((1, 6, 16))
+    >>> y, state = block(x[:, :5], return_state=True)
+    >>> y_last = block(x[:, 5:], initial_state=state)
+    >>> y_last.shape
+    TensorShape([1, 1, 16])
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        intermediate_dim: int,
+        key_dim: int | None = None,
+        dropout: float = 0.0,
+        activation="gelu",
+        norm_first: bool = True,
+        layer_norm_epsilon: float = 1e-5,
+        attention: str = "linear",
+        feature_map="elu",
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _sublayers.check_block_args(num_heads, intermediate_dim, dropout, attention)
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.key_dim = key_dim
+        self.dropout = dropout
+        self.activation = keras.activations.get(activation)
+        self.norm_first = norm_first
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.attention = attention
+        self.feature_map = fm_lib.serialize(fm_lib.get(feature_map))
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.supports_masking = True
+        self._cross_attention = None
+
+    def _norm(self, name, shape):
+        norm = keras.layers.LayerNormalization(epsilon=self.layer_norm_epsilon, name=name)
+        norm.build(shape)
+        return norm
+
+    def _attention(self, name, causal_state, key_dim):
+        return _sublayers.attention_layer(
+            self.attention,
+            causal_state=causal_state,
+            name=name,
+            num_heads=self.num_heads,
+            key_dim=key_dim,
+            dropout=self.dropout,
+            feature_map=fm_lib.get(self.feature_map),
+            **_sublayers.initializers(self.kernel_initializer, self.bias_initializer),
+        )
+
+    def build(self, inputs_shape, encoder_outputs_shape=None):
+        key_dim = _sublayers.head_dim(inputs_shape[-1], self.num_heads, self.key_dim)
+        self._self_attention = self._attention("self_attention", True, key_dim)
+        if self.attention == "linear":
+            self._self_attention.build(inputs_shape)
+        else:
+            self._self_attention.build(inputs_shape, inputs_shape)
+        self._self_attention_norm = self._norm("self_attention_norm", inputs_shape)
+        if encoder_outputs_shape is not None:
+            self._cross_attention = self._attention("cross_attention", False, key_dim)
+            self._cross_attention.build(inputs_shape, encoder_outputs_shape)
+            self._cross_attention_norm = self._norm("cross_attention_norm", inputs_shape)
+        self._dropout_layer = keras.layers.Dropout(self.dropout)
+        inits = _sublayers.initializers(self.kernel_initializer, self.bias_initializer)
+        self._feedforward = _sublayers.FeedForward(
+            self.intermediate_dim, self.activation, self.dropout, inits, name="feedforward"
+        )
+        self._feedforward.build(inputs_shape)
+        self._feedforward_norm = self._norm("feedforward_norm", inputs_shape)
+
+    def call(
+        self,
+        inputs,
+        padding_mask=None,
+        encoder_outputs=None,
+        encoder_padding_mask=None,
+        initial_state=None,
+        return_state=False,
+        training=None,
+    ):
+        self._check_call(encoder_outputs, initial_state, return_state)
+        if padding_mask is None:
+            padding_mask = get_keras_mask(inputs)
+        state = None
+
+        def self_attend(x):
+            nonlocal state
+            if self.attention == "softmax":
+                out = self._self_attention(
+                    x, x, value_mask=padding_mask, use_causal_mask=True, training=training
+                )
+            else:
+                out, state = self._self_attention(
+                    x,
+                    padding_mask=padding_mask,
+                    initial_state=initial_state,
+                    return_state=True,
+                    training=training,
+                )
+            return self._dropout_layer(out, training=training)
+
+        def cross_attend(x):
+            out = self._cross_attention(
+                x, encoder_outputs, value_mask=encoder_padding_mask, training=training
+            )
+            return self._dropout_layer(out, training=training)
+
+        x = _sublayers.residual(inputs, self_attend, self._self_attention_norm, self.norm_first)
+        if self._cross_attention is not None:
+            x = _sublayers.residual(x, cross_attend, self._cross_attention_norm, self.norm_first)
+        feedforward = lambda y: self._feedforward(y, training=training)  # noqa: E731
+        x = _sublayers.residual(x, feedforward, self._feedforward_norm, self.norm_first)
+        return (x, state) if return_state else x
+
+    def _check_call(self, encoder_outputs, initial_state, return_state):
+        has_cross = self._cross_attention is not None
+        if self.built and has_cross != (encoder_outputs is not None):
+            raise ValueError(
+                "This block was built "
+                + ("with" if has_cross else "without")
+                + " `encoder_outputs`; pass them consistently on every call."
+            )
+        if self.attention == "softmax" and (return_state or initial_state is not None):
+            raise ValueError(
+                "`initial_state`/`return_state` need `attention='linear'`; softmax "
+                "attention has no recurrent state."
+            )
+
+    def get_initial_state(self, batch_size):
+        """Zero self-attention state for `batch_size` sequences."""
+        return self._self_attention.get_initial_state(batch_size)
+
+    def compute_output_spec(
+        self,
+        inputs,
+        padding_mask=None,
+        encoder_outputs=None,
+        encoder_padding_mask=None,
+        initial_state=None,
+        return_state=False,
+        training=None,
+    ):
+        out = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
+        if not return_state:
+            return out
+        _, state = self._self_attention.compute_output_spec(inputs, return_state=True)
+        return out, state
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "intermediate_dim": self.intermediate_dim,
+            "key_dim": self.key_dim,
+            "dropout": self.dropout,
+            "activation": keras.activations.serialize(self.activation),
+            "norm_first": self.norm_first,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "attention": self.attention,
+            "feature_map": self.feature_map,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+        }

@@ -1,0 +1,70 @@
+"""Serving functions and their input signatures, per kind of model."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from keras_linear_attention.generation.recurrent_lm import RecurrentLM
+
+
+def serve_spec(model: keras.Model) -> tf.TensorSpec:
+    """The model's single input with dynamic batch and sequence length."""
+    if len(model.inputs) != 1:
+        raise ValueError(
+            f"Export supports single-input models; {model.name!r} has {len(model.inputs)}."
+        )
+    inp = model.inputs[0]
+    if len(inp.shape) < 2:
+        raise ValueError(f"The model input must be (batch, length, ...); received {inp.shape}.")
+    shape = (None, None, *inp.shape[2:])
+    return tf.TensorSpec(shape, tf.as_dtype(inp.dtype), name=inp.name.split(":")[0] or "inputs")
+
+
+def recurrent_or_none(model: keras.Model) -> RecurrentLM | None:
+    """A `RecurrentLM` when the model is a causal linear LM, else None."""
+    try:
+        return RecurrentLM(model, jit_compile=False)
+    except ValueError:
+        return None
+
+
+def state_names(runner: RecurrentLM) -> list[str]:
+    return [f"{kind}_{i}" for i in range(len(runner.decoders)) for kind in ("kv", "k_sum")]
+
+
+def state_specs(runner: RecurrentLM) -> list[tf.TensorSpec]:
+    specs = []
+    for name, template in zip(state_names(runner), runner.initial_state(1)):
+        specs.append(tf.TensorSpec((None, *template.shape[1:]), template.dtype, name=name))
+    return specs
+
+
+def _with_states(runner: RecurrentLM, logits, states) -> dict:
+    return {"logits": logits, **dict(zip(state_names(runner), states))}
+
+
+def endpoints(model: keras.Model) -> dict:
+    """`{name: (fn, input_signature)}`: `serve`, plus `prefill`/`step` for causal linear LMs.
+
+    `prefill(token_ids (B, P))` → last-position logits and every block's
+    state; `step(token (B,), index (), *states)` → logits and new states.
+    """
+    spec = serve_spec(model)
+    result = {"serve": (lambda x: {"logits": model(x, training=False)}, [spec])}
+    runner = recurrent_or_none(model)
+    if runner is None:
+        return result
+    token_ids = tf.TensorSpec((None, None), tf.int32, name="token_ids")
+    token = tf.TensorSpec((None,), tf.int32, name="token")
+    index = tf.TensorSpec((), tf.int32, name="index")
+
+    def prefill(tokens):
+        return _with_states(runner, *runner._prefill(tokens))
+
+    def step(tok, idx, *states):
+        return _with_states(runner, *runner._step(tok, states, idx))
+
+    result["prefill"] = (prefill, [token_ids])
+    result["step"] = (step, [token, index, *state_specs(runner)])
+    return result

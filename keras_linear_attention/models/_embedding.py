@@ -1,0 +1,39 @@
+"""Input embedding shared by the model builders: tokens or features, plus positions."""
+
+from __future__ import annotations
+
+import keras
+
+from keras_linear_attention.layers.position_embedding import (
+    PositionEmbedding,
+    SinusoidalPositionEmbedding,
+)
+
+POSITIONS = ("learned", "sinusoidal", "none")
+
+
+def check_sizes(**sizes) -> None:
+    for name, value in sizes.items():
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value <= 0
+        ):
+            raise ValueError(f"`{name}` must be a positive integer; received {value!r}.")
+
+
+def position_layer(position: str, max_length: int | None):
+    if position not in POSITIONS:
+        raise ValueError(f"`position` must be one of {POSITIONS}; received {position!r}.")
+    if position == "learned":
+        if max_length is None:
+            raise ValueError("`position='learned'` needs `max_length`.")
+        return PositionEmbedding(max_length, name="position_embedding")
+    if position == "sinusoidal":
+        return SinusoidalPositionEmbedding(name="position_embedding")
+    return None
+
+
+def embed(x, position_embedding):
+    """`x + positions(x)`, keeping the Keras mask of `x`."""
+    if position_embedding is None:
+        return x
+    return keras.layers.Add(name="add_positions")([x, position_embedding(x)])

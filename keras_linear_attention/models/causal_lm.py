@@ -1,0 +1,75 @@
+"""`build_causal_lm`: token embedding + causal decoder stack + LM head."""
+
+from __future__ import annotations
+
+import keras
+
+from keras_linear_attention.blocks.linear_transformer_decoder import LinearTransformerDecoder
+from keras_linear_attention.models import _embedding
+
+
+def build_causal_lm(
+    vocabulary_size: int,
+    *,
+    max_length: int | None = None,
+    hidden_dim: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_dim: int | None = None,
+    dropout: float = 0.0,
+    feature_map="elu",
+    attention: str = "linear",
+    position: str = "learned",
+    name: str = "linear_transformer_lm",
+) -> keras.Model:
+    """A functional causal language model: token ids `(B, N)` → logits `(B, N, V)`.
+
+    Position i's logits predict token i+1 from tokens ≤ i. With
+    `attention="linear"` the model is also an RNN: `keras_linear_attention.
+    generation.RecurrentLM(model)` prefills a prompt in parallel and then
+    steps one token at a time with a constant-size state (see `generate`).
+    Layer names (`token_embedding`, `position_embedding`, `decoder_i`,
+    `final_norm`, `lm_head`) are what the recurrent runner looks up.
+
+    Args:
+        vocabulary_size: Number of token ids.
+        max_length: Longest sequence; needed by `position="learned"`.
+        hidden_dim: Model width.
+        num_layers: Number of decoder blocks.
+        num_heads: Attention heads per block.
+        intermediate_dim: Feed-forward width (default `4 * hidden_dim`).
+        dropout: Dropout rate.
+        feature_map: φ of linear attention.
+        attention: `"linear"`, or `"softmax"` for the same model with Keras MHA.
+        position: `"learned"`, `"sinusoidal"` or `"none"`.
+        name: Model name.
+
+    Example:
+
+    >>> model = build_causal_lm(50, max_length=32, hidden_dim=16, num_heads=2)
+    >>> model(keras.ops.zeros((2, 7), "int32")).shape
+    TensorShape([2, 7, 50])
+    """
+    _embedding.check_sizes(
+        vocabulary_size=vocabulary_size,
+        hidden_dim=hidden_dim,
+        num_layers=num_layers,
+        max_length=max_length,
+    )
+    positions = _embedding.position_layer(position, max_length)
+    inputs = keras.Input((None,), dtype="int32", name="token_ids")
+    x = keras.layers.Embedding(vocabulary_size, hidden_dim, name="token_embedding")(inputs)
+    x = _embedding.embed(x, positions)
+    x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
+    for i in range(num_layers):
+        x = LinearTransformerDecoder(
+            num_heads,
+            intermediate_dim or 4 * hidden_dim,
+            dropout=dropout,
+            attention=attention,
+            feature_map=feature_map,
+            name=f"decoder_{i}",
+        )(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
+    logits = keras.layers.Dense(vocabulary_size, name="lm_head", dtype="float32")(x)
+    return keras.Model(inputs, logits, name=name)
