@@ -79,7 +79,7 @@ def format_summary(summary: dict) -> str:
         "  max |SavedModel - Keras|: "
         + ", ".join(f"{k} {v:.2e}" for k, v in sm["max_abs_error"].items()),
     ]
-    for name, info in summary["tflite"].items():
+    for info in summary["tflite"].values():
         lines.append(
             f"TFLite {info['path']}  {info['bytes'] / 1e6:.2f} MB  "
             f"max |TFLite - Keras| {info['max_abs_error']:.2e}"

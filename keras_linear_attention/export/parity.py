@@ -68,13 +68,10 @@ def tflite_step_error(model: keras.Model, flatbuffer: bytes, x) -> float:
     """Feed `x` token by token through a `step` TFLite file from zero states, as a
     device would, and compare every position's logits with the parallel Keras model."""
     runner, io = _only_runner(flatbuffer)
-    template = signatures.recurrent_or_none(model).initial_state(x.shape[0])
-    states = dict(
-        zip(
-            signatures.state_names(signatures.recurrent_or_none(model)),
-            (np.asarray(t) for t in template),
-        )
-    )
+    runner_lm = signatures.recurrent_or_none(model)
+    template = runner_lm.initial_state(x.shape[0])
+    names = signatures.state_names(runner_lm)
+    states = {k: np.asarray(t) for k, t in zip(names, template, strict=True)}
     logits = []
     for i in range(x.shape[1]):
         out = runner(token=x[:, i], index=np.asarray(i, np.int32), **states)

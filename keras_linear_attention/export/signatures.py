@@ -35,13 +35,13 @@ def state_names(runner: RecurrentLM) -> list[str]:
 
 def state_specs(runner: RecurrentLM) -> list[tf.TensorSpec]:
     specs = []
-    for name, template in zip(state_names(runner), runner.initial_state(1)):
+    for name, template in zip(state_names(runner), runner.initial_state(1), strict=True):
         specs.append(tf.TensorSpec((None, *template.shape[1:]), template.dtype, name=name))
     return specs
 
 
 def _with_states(runner: RecurrentLM, logits, states) -> dict:
-    return {"logits": logits, **dict(zip(state_names(runner), states))}
+    return {"logits": logits, **dict(zip(state_names(runner), states, strict=True))}
 
 
 def endpoints(model: keras.Model) -> dict:

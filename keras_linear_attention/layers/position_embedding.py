@@ -48,6 +48,7 @@ class PositionEmbedding(keras.layers.Layer):
         _checks.check_positive_int("max_length", max_length)
         self.max_length = max_length
         self.initializer = keras.initializers.get(initializer)
+        self.supports_masking = True  # pass the token mask on to `Add`
 
     def build(self, inputs_shape):
         self.embeddings = self.add_weight(
@@ -98,6 +99,7 @@ class SinusoidalPositionEmbedding(keras.layers.Layer):
     def __init__(self, max_wavelength: float = 10000.0, **kwargs):
         super().__init__(**kwargs)
         self.max_wavelength = float(max_wavelength)
+        self.supports_masking = True
 
     def build(self, inputs_shape):
         if inputs_shape[-1] is None or inputs_shape[-1] % 2:

@@ -1,0 +1,118 @@
+"""Encoder/decoder blocks: masks, causality, the recurrent state, serialization, XLA."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import MODES, assert_close, in_mode
+
+from keras_linear_attention import LinearTransformerDecoder, LinearTransformerEncoder
+
+
+def _x(rng, shape):
+    return tf.constant(rng.normal(size=shape).astype("float32"))
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_encoder_padding_does_not_change_real_positions(rng, norm_first, attention):
+    block = LinearTransformerEncoder(2, 32, norm_first=norm_first, attention=attention)
+    x = _x(rng, (1, 9, 16))
+    padded = tf.concat([x, _x(rng, (1, 4, 16))], axis=1)
+    mask = tf.constant([[True] * 9 + [False] * 4])
+    assert_close(
+        "block padding invariance", block(padded, padding_mask=mask)[:, :9], block(x), 1e-5, 1e-5
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decoder_is_causal_in_every_mode(rng, mode):
+    block = LinearTransformerDecoder(2, 32)
+    x = _x(rng, (2, 20, 16))
+    changed = tf.concat([x[:, :12], _x(rng, (2, 8, 16))], axis=1)
+    run = in_mode(lambda t: block(t), mode)
+    assert_close("decoder causality", run(changed)[:, :12], run(x)[:, :12], 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decoder_prefill_then_steps_equals_parallel(rng, mode):
+    block = LinearTransformerDecoder(2, 32)
+    x = _x(rng, (2, 11, 16))
+    full = block(x)
+    run = in_mode(lambda t, s: block(t, initial_state=s, return_state=True), mode)
+    out, state = block(x[:, :6], return_state=True)
+    outs = [out]
+    for i in range(6, 11):
+        out, state = run(x[:, i : i + 1], state)
+        outs.append(out)
+    assert_close("decoder prefill+step", tf.concat(outs, axis=1), full, 1e-5, 1e-5)
+
+
+def test_decoder_state_from_prefill_equals_stepping(rng):
+    block = LinearTransformerDecoder(2, 32)
+    x = _x(rng, (1, 7, 16))
+    _, prefilled = block(x, return_state=True)
+    state = block.get_initial_state(1)
+    for i in range(7):
+        _, state = block(x[:, i : i + 1], initial_state=state, return_state=True)
+    for a, b in zip(prefilled, state, strict=True):
+        assert_close("decoder state prefill vs steps", a, b, 1e-5, 1e-5)
+
+
+def test_decoder_cross_attention_sees_encoder_padding(rng):
+    block = LinearTransformerDecoder(2, 32)
+    x, enc = _x(rng, (1, 5, 16)), _x(rng, (1, 6, 12))
+    padded = tf.concat([enc, _x(rng, (1, 3, 12))], axis=1)
+    mask = tf.constant([[True] * 6 + [False] * 3])
+    expected = block(x, encoder_outputs=enc)
+    actual = block(x, encoder_outputs=padded, encoder_padding_mask=mask)
+    assert_close("cross-attention padding", actual, expected, 1e-5, 1e-5)
+    with pytest.raises(ValueError, match="encoder_outputs"):
+        block(x)
+
+
+def test_softmax_decoder_has_no_state(rng):
+    block = LinearTransformerDecoder(2, 32, attention="softmax")
+    with pytest.raises(ValueError, match="attention='linear'"):
+        block(_x(rng, (1, 4, 16)), return_state=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_heads": 0, "intermediate_dim": 8}, "num_heads"),
+        ({"num_heads": 2, "intermediate_dim": 8, "dropout": 1.5}, "dropout"),
+        ({"num_heads": 2, "intermediate_dim": 8, "attention": "flash"}, "attention"),
+    ],
+)
+def test_block_arguments_are_checked(kwargs, match):
+    for cls in (LinearTransformerEncoder, LinearTransformerDecoder):
+        with pytest.raises(ValueError, match=match):
+            cls(**kwargs)
+
+
+def test_heads_must_divide_width(rng):
+    with pytest.raises(ValueError, match="divisible by `num_heads`"):
+        LinearTransformerEncoder(3, 8)(_x(rng, (1, 4, 16)))
+
+
+@pytest.mark.parametrize("cls", [LinearTransformerEncoder, LinearTransformerDecoder])
+def test_blocks_round_trip_through_keras_files(tmp_path, rng, cls):
+    inputs = keras.Input((None, 16))
+    model = keras.Model(inputs, cls(2, 32, feature_map="favor", dropout=0.1)(inputs))
+    x = _x(rng, (2, 9, 16))
+    path = str(tmp_path / "block.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert_close("block save/load", loaded(x), model(x), 1e-6, 1e-6)
+    assert loaded.layers[1].get_config() == model.layers[1].get_config()
+
+
+def test_block_trains_under_xla_and_mixed_precision(rng):
+    keras.config.set_dtype_policy("mixed_float16")
+    inputs = keras.Input((None, 16))
+    x = LinearTransformerDecoder(2, 32)(LinearTransformerEncoder(2, 32)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(1, dtype="float32")(x))
+    model.compile("adam", "mse", jit_compile=True)
+    history = model.fit(rng.normal(size=(16, 12, 16)), rng.normal(size=(16, 12, 1)), verbose=0)
+    assert np.isfinite(history.history["loss"][0])
