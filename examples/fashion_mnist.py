@@ -31,7 +31,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--learning-rate", type=float, default=3e-3)
+    p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--patch-size", type=int, default=7)
     p.add_argument("--hidden-dim", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=2)
@@ -64,7 +65,7 @@ def train(args, train_ds, test_ds, attention: str):
         hidden_dim=args.hidden_dim,
         num_layers=args.num_layers,
         num_heads=4,
-        dropout=0.1,
+        dropout=args.dropout,
         attention=attention,
         name=f"fashion_mnist_{attention}",
     )

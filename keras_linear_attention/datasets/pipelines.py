@@ -42,3 +42,35 @@ def patch_classification(
     if training:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def char_language_model(
+    texts: tf.data.Dataset,
+    sequence_length: int,
+    batch_size: int,
+    training: bool,
+    shuffle_buffer: int = 2_000,
+    seed: int | None = 0,
+) -> tf.data.Dataset:
+    """Strings → batches of `(bytes[:-1], bytes[1:])` next-byte prediction pairs.
+
+    Texts are joined with newlines and cut into windows of
+    `sequence_length + 1` bytes (vocabulary: 256 byte values).
+
+    Example:
+
+    >>> texts = tf.data.Dataset.from_tensor_slices(["In the beginning"] * 8)
+    >>> x, y = next(iter(char_language_model(texts, 16, 2, training=False)))
+    >>> x.shape, y.shape
+    (TensorShape([2, 16]), TensorShape([2, 16]))
+    """
+    ids = texts.map(
+        lambda t: tf.io.decode_raw(t + "\n", tf.uint8), num_parallel_calls=tf.data.AUTOTUNE
+    ).unbatch()
+    windows = ids.batch(sequence_length + 1, drop_remainder=True).map(
+        lambda w: (tf.cast(w[:-1], tf.int32), tf.cast(w[1:], tf.int32))
+    )
+    windows = windows.cache()
+    if training:
+        windows = windows.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return windows.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
