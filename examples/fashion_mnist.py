@@ -8,7 +8,7 @@ int8) into `saved_models/fashion_mnist/`, checks every export against Keras, and
 prints a report. `--compare-softmax` also trains the same model with softmax
 attention, for an honest look at the quality trade-off.
 
-    python examples/fashion_mnist.py [--epochs 8] [--compare-softmax]
+    python examples/fashion_mnist.py [--epochs 10] [--compare-softmax]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from keras_linear_attention.models import build_sequence_classifier  # noqa: E40
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=3e-3)
     p.add_argument("--dropout", type=float, default=0.0)

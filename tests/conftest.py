@@ -58,3 +58,26 @@ def _reset_policy():
 
     yield
     keras.config.set_dtype_policy("float32")
+
+
+def _debian_data_present() -> bool:
+    from keras_linear_attention.datasets import fashion_mnist
+
+    return fashion_mnist.local_source_available()
+
+
+needs_debian_data = pytest.mark.skipif(
+    not _debian_data_present(),
+    reason="Debian package dataset-fashion-mnist is not installed "
+    "(apt-get install dataset-fashion-mnist; .ci/run does this)",
+)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir(tmp_path_factory):
+    """A TFDS data_dir with real Fashion-MNIST, prepared once per session."""
+    from keras_linear_attention.datasets import fashion_mnist
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    assert fashion_mnist.prepare_offline(data_dir)
+    return data_dir

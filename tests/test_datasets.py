@@ -5,15 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from conftest import needs_debian_data
 
 from keras_linear_attention import build_sequence_classifier
 from keras_linear_attention.datasets import fashion_mnist, pipelines
-
-needs_debian_data = pytest.mark.skipif(
-    not fashion_mnist.local_source_available(),
-    reason=f"Debian package {fashion_mnist.DEBIAN_PACKAGE} is not installed "
-    f"(apt-get install {fashion_mnist.DEBIAN_PACKAGE}; .ci/run does this)",
-)
 
 
 def _classifier(patch):
@@ -50,15 +45,9 @@ def test_missing_local_files_are_named(tmp_path):
     assert not fashion_mnist.prepare_offline(str(tmp_path / "d"), source_dir=str(tmp_path))
 
 
-@pytest.fixture(scope="module")
-def real_data_dir(tmp_path_factory):
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    assert fashion_mnist.prepare_offline(data_dir)
-    return data_dir
-
-
 @needs_debian_data
-def test_prepared_data_loads_with_plain_tfds(real_data_dir):
+def test_prepared_data_loads_with_plain_tfds(fashion_mnist_dir):
+    real_data_dir = fashion_mnist_dir
     builder = tfds.builder("fashion_mnist", data_dir=real_data_dir)
     assert builder.info.splits["train"].num_examples == 60_000
     assert builder.info.splits["test"].num_examples == 10_000
@@ -70,7 +59,8 @@ def test_prepared_data_loads_with_plain_tfds(real_data_dir):
 
 
 @needs_debian_data
-def test_fit_learns_on_real_data(real_data_dir):
+def test_fit_learns_on_real_data(fashion_mnist_dir):
+    real_data_dir = fashion_mnist_dir
     keras.utils.set_random_seed(0)
     load = lambda split: tfds.load(  # noqa: E731
         "fashion_mnist", split=split, data_dir=real_data_dir, as_supervised=True, download=False

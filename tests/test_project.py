@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import needs_debian_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,49 @@ def test_quickstart_example_runs(capsys):
     acc = float(out.split("held-out accuracy ")[1].split()[0])
     err = float(out.split("max abs difference ")[1].split()[0])
     assert acc > 0.9 and err < 1e-5, out
+
+
+def _run_example(name, argv):
+    sys.path.insert(0, str(ROOT / "examples"))
+    module = __import__(name)
+    return module.main(argv)
+
+
+@pytest.mark.slow
+@needs_debian_data
+def test_main_job_smoke(tmp_path, fashion_mnist_dir):
+    report = _run_example(
+        "fashion_mnist",
+        ["--train-examples", "512", "--epochs", "1", "--verbose", "0"]
+        + ["--data-dir", fashion_mnist_dir, "--out", str(tmp_path / "fm"), "--compare-softmax"],
+    )
+    assert 0.1 < report["linear_accuracy"] <= 1 and 0.1 < report["softmax_accuracy"] <= 1
+    assert abs(report["tflite_float32_accuracy"] - report["linear_accuracy"]) < 0.01
+    assert (tmp_path / "fm" / "model.keras").exists()
+    assert (tmp_path / "fm" / "serve.int8.tflite").exists()
+
+
+@pytest.mark.slow
+@needs_debian_data
+def test_tuner_example_smoke(tmp_path, fashion_mnist_dir):
+    result = _run_example(
+        "tune_fashion_mnist",
+        ["--trials", "1", "--train-examples", "256", "--data-dir", fashion_mnist_dir]
+        + ["--directory", str(tmp_path)],
+    )
+    assert 0 <= result["test"] <= 1 and set(result["best"]) >= {"feature_map", "num_heads"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bible") is None, reason="Debian package bible-kjv not installed")
+def test_char_lm_example_smoke(tmp_path):
+    report = _run_example(
+        "char_lm",
+        ["--steps", "8", "--sequence-length", "64", "--hidden-dim", "32", "--num-layers", "1"]
+        + ["--eval-batches", "2", "--sample-length", "20", "--verbose", "0"]
+        + ["--data-dir", str(tmp_path)],
+    )
+    assert 0 < report["test_bits_per_char"] < 8.5
 
 
 def test_readme_python_examples_run():
