@@ -32,6 +32,19 @@ def position_layer(position: str, max_length: int | None):
     return None
 
 
+def token_embedding(vocabulary_size: int, hidden_dim: int, position: str, mask_zero=False):
+    """Token embedding; unit-scale with sinusoids, whose amplitude is 1 (Keras's
+    default ±0.05 init would leave the tokens drowned by the positions)."""
+    init = keras.initializers.RandomNormal(stddev=1.0) if position == "sinusoidal" else "uniform"
+    return keras.layers.Embedding(
+        vocabulary_size,
+        hidden_dim,
+        mask_zero=mask_zero,
+        embeddings_initializer=init,
+        name="token_embedding",
+    )
+
+
 def embed(x, position_embedding):
     """`x + positions(x)`, keeping the Keras mask of `x`."""
     if position_embedding is None:

@@ -58,7 +58,7 @@ def build_causal_lm(
     )
     positions = _embedding.position_layer(position, max_length)
     inputs = keras.Input((None,), dtype="int32", name="token_ids")
-    x = keras.layers.Embedding(vocabulary_size, hidden_dim, name="token_embedding")(inputs)
+    x = _embedding.token_embedding(vocabulary_size, hidden_dim, position)(inputs)
     x = _embedding.embed(x, positions)
     x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
     for i in range(num_layers):

@@ -67,9 +67,9 @@ def build_sequence_classifier(
     positions = _embedding.position_layer(position, max_length)
     if vocabulary_size is not None:
         inputs = keras.Input((None,), dtype="int32", name="token_ids")
-        x = keras.layers.Embedding(
-            vocabulary_size, hidden_dim, mask_zero=True, name="token_embedding"
-        )(inputs)
+        x = _embedding.token_embedding(vocabulary_size, hidden_dim, position, mask_zero=True)(
+            inputs
+        )
     else:
         inputs = keras.Input((None, feature_dim), name="features")
         x = keras.layers.Dense(hidden_dim, name="input_projection")(inputs)
