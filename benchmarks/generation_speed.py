@@ -93,6 +93,36 @@ class CachedSoftmaxStep:
         return self.head(self.norm(x))[:, 0], new
 
 
+def plot(results: dict, path: str) -> None:
+    """Per-token latency against context, log-log, one line per decoder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = {
+        "linear_ms": "linear, recurrent state",
+        "softmax_cache_ms": "softmax, K/V cache",
+        "softmax_no_cache_ms": "softmax, no cache",
+    }
+    for key, label in labels.items():
+        points = [(r["context"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*points, strict=True), marker="o", label=label)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="context length (tokens)",
+        ylabel="ms per generated token",
+        title=f"Decoding latency, batch {rows[0]['batch']}, 2-core CPU",
+    )
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096, 16384])
@@ -103,7 +133,13 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--max-no-cache", type=int, default=4096)
     p.add_argument("--memory-steps", type=int, default=2000)
     p.add_argument("--json")
+    p.add_argument("--png", help="plot latency against context here")
+    p.add_argument("--replot", help="only plot this earlier --json file into --png")
     args = p.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f), args.png)
+        return []
     keras.utils.set_random_seed(0)
     longest = max(args.contexts) + args.memory_steps + 2
     make = lambda attention: build_causal_lm(  # noqa: E731
@@ -153,9 +189,12 @@ def main(argv=None) -> list[dict]:
     first, last = rows[0], rows[-1]
     ratio = last["linear_ms"] / first["linear_ms"]
     print(f"linear per-token latency at {last['context']} / at {first['context']}: {ratio:.2f}x")
+    results = {"args": vars(args), "rows": rows, "memory": memory}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "memory": memory}, f, indent=2)
+            json.dump(results, f, indent=2)
+    if args.png:
+        plot(results, args.png)
     return rows
 
 

@@ -28,6 +28,28 @@ def test_benchmark_smoke():
     assert all(rows[0][k] > 0 for k in rows[0] if k not in ("n", "jit"))
 
 
+def test_generation_benchmark_smoke(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import generation_speed
+
+    argv = ["--contexts", "16", "32", "--repeats", "1", "--memory-steps", "2"]
+    argv += ["--hidden-dim", "16", "--batch", "2", "--png", str(tmp_path / "g.png")]
+    rows = generation_speed.main(argv)
+    assert [r["context"] for r in rows] == [16, 32]
+    assert all(r["linear_ms"] > 0 and r["softmax_cache_ms"] > 0 for r in rows)
+    assert (tmp_path / "g.png").exists()
+
+
+def test_edge_benchmark_smoke():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import edge_latency
+
+    argv = ["--lengths", "8", "16", "--repeats", "1", "--hidden-dim", "16", "--num-layers", "1"]
+    results = edge_latency.main(argv)
+    assert set(results["tflite"]) == {"float32", "int8"}
+    assert all(v > 0 for v in results["tflite"]["int8"]["step_ms_after_context"].values())
+
+
 @pytest.mark.slow
 def test_quickstart_example_runs(capsys):
     runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
