@@ -6,6 +6,7 @@ from typing import Any
 
 import keras
 
+from keras_linear_attention import _checks
 from keras_linear_attention.layers.causal_linear_attention import CausalLinearAttention
 from keras_linear_attention.layers.linear_multi_head_attention import LinearMultiHeadAttention
 
@@ -13,9 +14,8 @@ ATTENTION_KINDS = ("linear", "softmax")
 
 
 def check_block_args(num_heads: Any, intermediate_dim: Any, dropout: Any, attention: str) -> None:
-    for name, value in (("num_heads", num_heads), ("intermediate_dim", intermediate_dim)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"`{name}` must be a positive integer; received {value!r}.")
+    _checks.check_positive_int("num_heads", num_heads)
+    _checks.check_positive_int("intermediate_dim", intermediate_dim)
     if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"`dropout` must be a float in [0, 1); received {dropout!r}.")
     if attention not in ATTENTION_KINDS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 
+from keras_linear_attention import _checks
 from keras_linear_attention.layers.position_embedding import (
     PositionEmbedding,
     SinusoidalPositionEmbedding,
@@ -14,10 +15,7 @@ POSITIONS = ("learned", "sinusoidal", "none")
 
 def check_sizes(**sizes) -> None:
     for name, value in sizes.items():
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value <= 0
-        ):
-            raise ValueError(f"`{name}` must be a positive integer; received {value!r}.")
+        _checks.check_positive_int(name, value, allow_none=True)
 
 
 def position_layer(position: str, max_length: int | None):
