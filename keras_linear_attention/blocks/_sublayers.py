@@ -7,6 +7,7 @@ from typing import Any
 import keras
 
 from keras_linear_attention import _checks
+from keras_linear_attention import feature_maps as fm_lib
 from keras_linear_attention.layers.causal_linear_attention import CausalLinearAttention
 from keras_linear_attention.layers.linear_multi_head_attention import LinearMultiHeadAttention
 
@@ -79,3 +80,85 @@ def residual(x, sublayer, norm, norm_first: bool):
     if norm_first:
         return x + sublayer(norm(x))
     return norm(x + sublayer(x))
+
+
+class TransformerBlock(keras.layers.Layer):
+    """Arguments, config and sublayer factories shared by the encoder and decoder."""
+
+    def __init__(
+        self,
+        num_heads,
+        intermediate_dim,
+        key_dim,
+        dropout,
+        activation,
+        norm_first,
+        layer_norm_epsilon,
+        attention,
+        feature_map,
+        kernel_initializer,
+        bias_initializer,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        check_block_args(num_heads, intermediate_dim, dropout, attention)
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.key_dim = key_dim
+        self.dropout = dropout
+        self.activation = keras.activations.get(activation)
+        self.norm_first = norm_first
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.attention = attention
+        # Kept as a config: each build makes its own φ layer (FAVOR has weights).
+        self.feature_map = fm_lib.serialize(fm_lib.get(feature_map))
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.supports_masking = True
+
+    def _initializers(self) -> dict:
+        return initializers(self.kernel_initializer, self.bias_initializer)
+
+    def _norm(self, name, shape):
+        norm = keras.layers.LayerNormalization(epsilon=self.layer_norm_epsilon, name=name)
+        norm.build(shape)
+        return norm
+
+    def _attention(self, name, causal_state, key_dim):
+        return attention_layer(
+            self.attention,
+            causal_state=causal_state,
+            name=name,
+            num_heads=self.num_heads,
+            key_dim=key_dim,
+            dropout=self.dropout,
+            feature_map=fm_lib.get(self.feature_map),
+            **self._initializers(),
+        )
+
+    def _feedforward_layer(self, shape):
+        layer = FeedForward(
+            self.intermediate_dim,
+            self.activation,
+            self.dropout,
+            self._initializers(),
+            name="feedforward",
+        )
+        layer.build(shape)
+        return layer
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "intermediate_dim": self.intermediate_dim,
+            "key_dim": self.key_dim,
+            "dropout": self.dropout,
+            "activation": keras.activations.serialize(self.activation),
+            "norm_first": self.norm_first,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "attention": self.attention,
+            "feature_map": self.feature_map,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+        }

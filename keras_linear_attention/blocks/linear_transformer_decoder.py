@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import keras
 
-from keras_linear_attention import feature_maps as fm_lib
 from keras_linear_attention._keras_compat import get_keras_mask
 from keras_linear_attention.blocks import _sublayers
 
@@ -12,7 +11,7 @@ PACKAGE = "keras_linear_attention"
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class LinearTransformerDecoder(keras.layers.Layer):
+class LinearTransformerDecoder(_sublayers.TransformerBlock):
     """Transformer decoder block: causal linear self-attention, optional
     linear cross-attention to an encoder output, and a feed-forward sub-block.
 
@@ -69,38 +68,21 @@ class LinearTransformerDecoder(keras.layers.Layer):
         bias_initializer="zeros",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        _sublayers.check_block_args(num_heads, intermediate_dim, dropout, attention)
-        self.num_heads = num_heads
-        self.intermediate_dim = intermediate_dim
-        self.key_dim = key_dim
-        self.dropout = dropout
-        self.activation = keras.activations.get(activation)
-        self.norm_first = norm_first
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.attention = attention
-        self.feature_map = fm_lib.serialize(fm_lib.get(feature_map))
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.supports_masking = True
-        self._cross_attention = None
-
-    def _norm(self, name, shape):
-        norm = keras.layers.LayerNormalization(epsilon=self.layer_norm_epsilon, name=name)
-        norm.build(shape)
-        return norm
-
-    def _attention(self, name, causal_state, key_dim):
-        return _sublayers.attention_layer(
-            self.attention,
-            causal_state=causal_state,
-            name=name,
-            num_heads=self.num_heads,
-            key_dim=key_dim,
-            dropout=self.dropout,
-            feature_map=fm_lib.get(self.feature_map),
-            **_sublayers.initializers(self.kernel_initializer, self.bias_initializer),
+        super().__init__(
+            num_heads,
+            intermediate_dim,
+            key_dim,
+            dropout,
+            activation,
+            norm_first,
+            layer_norm_epsilon,
+            attention,
+            feature_map,
+            kernel_initializer,
+            bias_initializer,
+            **kwargs,
         )
+        self._cross_attention = None
 
     def build(self, inputs_shape, encoder_outputs_shape=None):
         key_dim = _sublayers.head_dim(inputs_shape[-1], self.num_heads, self.key_dim)
@@ -115,11 +97,7 @@ class LinearTransformerDecoder(keras.layers.Layer):
             self._cross_attention.build(inputs_shape, encoder_outputs_shape)
             self._cross_attention_norm = self._norm("cross_attention_norm", inputs_shape)
         self._dropout_layer = keras.layers.Dropout(self.dropout)
-        inits = _sublayers.initializers(self.kernel_initializer, self.bias_initializer)
-        self._feedforward = _sublayers.FeedForward(
-            self.intermediate_dim, self.activation, self.dropout, inits, name="feedforward"
-        )
-        self._feedforward.build(inputs_shape)
+        self._feedforward = self._feedforward_layer(inputs_shape)
         self._feedforward_norm = self._norm("feedforward_norm", inputs_shape)
 
     def call(
@@ -199,19 +177,3 @@ class LinearTransformerDecoder(keras.layers.Layer):
             return out
         _, state = self._self_attention.compute_output_spec(inputs, return_state=True)
         return out, state
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "num_heads": self.num_heads,
-            "intermediate_dim": self.intermediate_dim,
-            "key_dim": self.key_dim,
-            "dropout": self.dropout,
-            "activation": keras.activations.serialize(self.activation),
-            "norm_first": self.norm_first,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "attention": self.attention,
-            "feature_map": self.feature_map,
-            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-        }

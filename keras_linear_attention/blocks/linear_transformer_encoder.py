@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import keras
 
-from keras_linear_attention import feature_maps as fm_lib
 from keras_linear_attention._keras_compat import get_keras_mask
 from keras_linear_attention.blocks import _sublayers
 
@@ -12,7 +11,7 @@ PACKAGE = "keras_linear_attention"
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class LinearTransformerEncoder(keras.layers.Layer):
+class LinearTransformerEncoder(_sublayers.TransformerBlock):
     """Transformer encoder block with linear (or, for comparison, softmax) attention.
 
     `x + Attention(norm(x))`, then `x + FeedForward(norm(x))` (pre-norm, the
@@ -61,50 +60,30 @@ class LinearTransformerEncoder(keras.layers.Layer):
         bias_initializer="zeros",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        _sublayers.check_block_args(num_heads, intermediate_dim, dropout, attention)
-        self.num_heads = num_heads
-        self.intermediate_dim = intermediate_dim
-        self.key_dim = key_dim
-        self.dropout = dropout
-        self.activation = keras.activations.get(activation)
-        self.norm_first = norm_first
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.attention = attention
+        super().__init__(
+            num_heads,
+            intermediate_dim,
+            key_dim,
+            dropout,
+            activation,
+            norm_first,
+            layer_norm_epsilon,
+            attention,
+            feature_map,
+            kernel_initializer,
+            bias_initializer,
+            **kwargs,
+        )
         self.causal = causal
-        # Kept as a config: each build makes its own φ layer (FAVOR has weights).
-        self.feature_map = fm_lib.serialize(fm_lib.get(feature_map))
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.supports_masking = True
 
     def build(self, inputs_shape):
-        hidden = inputs_shape[-1]
-        inits = _sublayers.initializers(self.kernel_initializer, self.bias_initializer)
-        self._attention_layer = _sublayers.attention_layer(
-            self.attention,
-            causal_state=False,
-            name="self_attention",
-            num_heads=self.num_heads,
-            key_dim=_sublayers.head_dim(hidden, self.num_heads, self.key_dim),
-            dropout=self.dropout,
-            feature_map=fm_lib.get(self.feature_map),
-            **inits,
-        )
+        key_dim = _sublayers.head_dim(inputs_shape[-1], self.num_heads, self.key_dim)
+        self._attention_layer = self._attention("self_attention", False, key_dim)
         self._attention_layer.build(inputs_shape, inputs_shape)
         self._attention_dropout = keras.layers.Dropout(self.dropout)
-        self._attention_norm = keras.layers.LayerNormalization(
-            epsilon=self.layer_norm_epsilon, name="self_attention_norm"
-        )
-        self._attention_norm.build(inputs_shape)
-        self._feedforward = _sublayers.FeedForward(
-            self.intermediate_dim, self.activation, self.dropout, inits, name="feedforward"
-        )
-        self._feedforward.build(inputs_shape)
-        self._feedforward_norm = keras.layers.LayerNormalization(
-            epsilon=self.layer_norm_epsilon, name="feedforward_norm"
-        )
-        self._feedforward_norm.build(inputs_shape)
+        self._attention_norm = self._norm("self_attention_norm", inputs_shape)
+        self._feedforward = self._feedforward_layer(inputs_shape)
+        self._feedforward_norm = self._norm("feedforward_norm", inputs_shape)
 
     def call(self, inputs, padding_mask=None, training=None):
         if padding_mask is None:
@@ -124,18 +103,4 @@ class LinearTransformerEncoder(keras.layers.Layer):
         return inputs_shape
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "num_heads": self.num_heads,
-            "intermediate_dim": self.intermediate_dim,
-            "key_dim": self.key_dim,
-            "dropout": self.dropout,
-            "activation": keras.activations.serialize(self.activation),
-            "norm_first": self.norm_first,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "attention": self.attention,
-            "causal": self.causal,
-            "feature_map": self.feature_map,
-            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-        }
+        return {**super().get_config(), "causal": self.causal}
