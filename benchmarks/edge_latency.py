@@ -15,29 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _timing import median_seconds  # noqa: E402
 
 from keras_linear_attention import build_causal_lm  # noqa: E402
 from keras_linear_attention.export import convert_to_tflite, export_saved_model  # noqa: E402
 from keras_linear_attention.export.parity import tflite_runner  # noqa: E402
 from keras_linear_attention.export.signatures import recurrent_or_none, state_names  # noqa: E402
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def step_latency(flatbuffer: bytes, model, contexts, repeats: int) -> dict:
@@ -50,14 +39,14 @@ def step_latency(flatbuffer: bytes, model, contexts, repeats: int) -> dict:
         _, states = lm.prefill(tokens)
         feed = {k: np.asarray(v) for k, v in zip(state_names(lm), states, strict=True)}
         call = dict(feed, token=np.ones((1,), np.int32), index=np.asarray(context, np.int32))
-        result[context] = _median_ms(lambda call=call: runner(**call), repeats)
+        result[context] = 1000 * median_seconds(lambda call=call: runner(**call), repeats)
     return result
 
 
 def serve_latency(flatbuffer: bytes, lengths, repeats: int) -> dict:
     runner = tflite_runner(flatbuffer).get_signature_runner("serve")
     return {
-        n: _median_ms(lambda n=n: runner(token_ids=np.ones((1, n), np.int32)), repeats)
+        n: 1000 * median_seconds(lambda n=n: runner(token_ids=np.ones((1, n), np.int32)), repeats)
         for n in lengths
     }
 

@@ -22,27 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _timing import median_seconds  # noqa: E402
 
 from keras_linear_attention import RecurrentLM, build_causal_lm  # noqa: E402
 from keras_linear_attention.blocks import LinearTransformerDecoder  # noqa: E402
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def _rss_mb() -> float:
@@ -159,16 +147,16 @@ def main(argv=None) -> list[dict]:
         _, states = linear.prefill(tf.ones((args.batch, context), tf.int32))
         index = tf.constant(context, tf.int32)
         row = {"context": context, "batch": args.batch}
-        row["linear_ms"] = _median_ms(
+        row["linear_ms"] = 1000 * median_seconds(
             lambda s=states, i=index: linear.step(token, s, i), args.repeats
         )
         caches = cached.empty_cache(args.batch, context + 1)
-        row["softmax_cache_ms"] = _median_ms(
+        row["softmax_cache_ms"] = 1000 * median_seconds(
             lambda c=caches, i=index: cached.step(token, c, i), args.repeats
         )
         if context <= args.max_no_cache:
             tokens = tf.ones((args.batch, context + 1), tf.int32)
-            row["softmax_no_cache_ms"] = _median_ms(
+            row["softmax_no_cache_ms"] = 1000 * median_seconds(
                 lambda t=tokens: full(t), max(3, args.repeats // 5)
             )
         rows.append(row)

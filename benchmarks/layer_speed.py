@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _timing import median_seconds  # noqa: E402
 
 import keras_linear_attention as kla  # noqa: E402
 
@@ -50,13 +49,7 @@ def time_config(make, apply, n: int, dim: int, repeats: int, jit: bool) -> float
             loss = tf.reduce_sum(apply(layer, x))
         return tape.gradient(loss, [x, *layer.trainable_variables])
 
-    step(x)  # trace and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        [g.numpy() for g in step(x)]
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: step(x), repeats)
 
 
 def main(argv=None) -> list:
