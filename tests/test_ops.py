@@ -55,7 +55,8 @@ def test_noncausal_matches_reference(rng, mode, t, s, masked):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("n,chunk", [(1, 64), (7, 4), (64, 16), (65, 16), (1000, 64)])
+# (300, 4) has 75 chunks: several blocks of the blocked prefix sum, the last one padded.
+@pytest.mark.parametrize("n,chunk", [(1, 64), (7, 4), (64, 16), (65, 16), (300, 4), (1000, 64)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_causal_matches_reference(rng, mode, n, chunk, masked):
     q, k, v = _inputs(rng, n, batch=1 if n == 1000 else 2)
@@ -207,3 +208,32 @@ def test_zero_feature_rows_give_zero_not_nan():
     v = tf.ones((1, 4, H, M))
     for out in (kla.linear_attention(q, k, v), kla.causal_linear_attention(q, k, v)):
         np.testing.assert_array_equal(out.numpy(), 0.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 300])
+def test_exclusive_prefix_sum_matches_numpy(rng, mode, n):
+    x = rng.normal(size=(3, n, 5))
+    fn = in_mode(kla.ops.causal.exclusive_prefix_sum, mode)
+    expected = np.cumsum(x, axis=1) - x
+    np.testing.assert_allclose(fn(tf.constant(x)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_never_builds_a_per_token_state():
+    """No tensor in the forward+backward graph has the (N, H, D, M) size of a
+    per-token state; the largest ones are O(N·C) scores and O(N/C·D·M) states."""
+    n, heads, dim = 2048, 2, 32
+    spec = tf.TensorSpec((1, n, heads, dim), tf.float32)
+
+    @tf.function
+    def fwd_bwd(q, k, v):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            loss = tf.reduce_sum(kla.causal_linear_attention(q, k, v, chunk_size=64))
+        return tape.gradient(loss, [q, k, v])
+
+    graph = fwd_bwd.get_concrete_function(spec, spec, spec).graph
+    sizes = [t.shape.num_elements() or 0 for op in graph.get_operations() for t in op.outputs]
+    assert len(sizes) > 100  # the gradient ops are in the graph
+    per_token_state = n * heads * dim * dim
+    assert max(sizes) <= per_token_state // 8, max(sizes)

@@ -1,5 +1,6 @@
 """Project-level checks: lint, the example and the benchmark run (smoke)."""
 
+import json
 import runpy
 import shutil
 import subprocess
@@ -19,13 +20,25 @@ def test_ruff_lint_and_format():
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_benchmark_smoke():
+def test_benchmark_suite_smoke(tmp_path):
+    """The suite end to end at N = 128: one process per configuration, JSON,
+    figures and the target table."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import layer_speed
+    import suite
 
-    rows = layer_speed.main(["--lengths", "16", "--dim", "32", "--heads", "2", "--repeats", "1"])
-    assert rows[0]["n"] == 16
-    assert all(rows[0][k] > 0 for k in rows[0] if k not in ("n", "jit"))
+    report = suite.main(["--quick", "--jit", "off", "--out", str(tmp_path)])
+    results = report["results"]
+    assert {r["status"] for r in results} == {"ok"}, [r["status"] for r in results]
+    layer = [r for r in results if r["kind"] == "layer"]
+    assert {r["impl"] for r in layer} == set(suite.LAYER_IMPLS)
+    for mode in ("fwd", "fwdbwd"):
+        assert all(r[mode]["seconds"] > 0 and r[mode]["peak_rss_mib"] > 0 for r in layer)
+    core = [r for r in results if r["kind"] == "core"]
+    assert all(r["fwdbwd"]["gflops"] > 0 and r["matmul_gflops"] > 0 for r in core)
+    assert json.loads((tmp_path / "suite.json").read_text())["machine"]["cores"] > 0
+    for name in ("figure1.png", "core.png", "chunk_sweep.png", "targets.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| target |" in (tmp_path / "targets.md").read_text()
 
 
 def test_generation_benchmark_smoke(tmp_path):

@@ -18,17 +18,44 @@ from keras_linear_attention.ops import _common
 DEFAULT_CHUNK_SIZE = 64
 
 
-def _to_chunks(x: Any, chunk: int) -> Any:
-    """(B, N, H, F) -> (B, N/C, C, H, F), zero-padding N up to a multiple."""
+# Chunk states are prefix-summed in blocks of this many chunks with one small
+# triangular matmul each; only the block totals go through `ops.cumsum`. TF's
+# cumsum streams slowly on CPU and XLA's grows superlinearly with the scanned
+# length (NOTES.md section 2), so the scanned axis stays N / (C * 16) long.
+PREFIX_BLOCK = 16
+
+
+def _heads_first_chunks(x: Any, chunk: int) -> Any:
+    """(B, N, H, F) -> (B*H*n, C, F): zero-pad N to n*C, group by head.
+
+    Batched matmuls over these rank-3 tensors need no further transposes,
+    forward or backward (TFLite's BATCH_MATMUL also takes them as is).
+    """
     n = ops.shape(x)[1]
     x = ops.pad(x, [[0, 0], [0, (-n) % chunk], [0, 0], [0, 0]])
-    return ops.reshape(x, (ops.shape(x)[0], -1, chunk, x.shape[2], x.shape[3]))
+    x = ops.reshape(x, (ops.shape(x)[0], -1, chunk, x.shape[2], x.shape[3]))
+    return ops.reshape(ops.transpose(x, (0, 3, 1, 2, 4)), (-1, chunk, x.shape[4]))
 
 
-def _exclusive_cumsum(x: Any) -> Any:
-    """Sum over chunks strictly before each chunk (axis 1), exactly."""
-    shifted = ops.concatenate([ops.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
-    return ops.cumsum(shifted, axis=1)
+def _strict_tril(size: int, dtype: str) -> Any:
+    return ops.cast(ops.tril(ops.ones((size, size)), -1), dtype)
+
+
+def exclusive_prefix_sum(x: Any) -> Any:
+    """Sum of `x[:, j]` over j < i along axis 1 of a `(G, n, F)` tensor.
+
+    Blocks of `PREFIX_BLOCK` rows are summed with a strictly lower-triangular
+    matmul; block totals are prefix-summed with `ops.cumsum` over n / 16.
+    """
+    n, feat = ops.shape(x)[1], x.shape[2]
+    x = ops.pad(x, [[0, 0], [0, (-n) % PREFIX_BLOCK], [0, 0]])
+    blocks = ops.reshape(x, (-1, PREFIX_BLOCK, feat))
+    within = ops.matmul(_strict_tril(PREFIX_BLOCK, x.dtype), blocks)
+    totals = ops.reshape(ops.sum(blocks, axis=1), (ops.shape(x)[0], -1, feat))
+    offsets = ops.cumsum(totals, axis=1) - totals
+    out = ops.reshape(within, (ops.shape(x)[0], -1, PREFIX_BLOCK, feat))
+    out = ops.reshape(out + ops.expand_dims(offsets, 2), (ops.shape(x)[0], -1, feat))
+    return out[:, :n]
 
 
 def causal_linear_attention(
@@ -85,35 +112,47 @@ def causal_linear_attention(
     phi_k = _common.mask_keys(phi_k, key_mask)
     kv0, k_sum0 = check_state(initial_state, phi_k, value, acc)
 
-    length = phi_q.shape[1]
+    length, heads = phi_q.shape[1], phi_q.shape[2]
     chunk = min(chunk_size, length) if length is not None else chunk_size
-    q, k, v = (_to_chunks(t, chunk) for t in (phi_q, phi_k, value))
+    q, k, v = (_heads_first_chunks(t, chunk) for t in (phi_q, phi_k, value))
+    feat, vdim = q.shape[2], v.shape[2]
 
     # Inside each chunk: the masked C×C kernel matrix.
-    scores = ops.einsum("bnchd,bnshd->bnhcs", q, k)
-    scores = scores * ops.cast(ops.tril(ops.ones((chunk, chunk))), acc)
-    numerator = ops.einsum("bnhcs,bnshm->bnchm", scores, v)
-    denominator = ops.transpose(ops.sum(scores, axis=-1), (0, 1, 3, 2))
+    scores = ops.matmul(q, ops.swapaxes(k, 1, 2)) * ops.tril(ops.ones((chunk, chunk), acc))
+    numerator = ops.matmul(scores, v)
+    denominator = ops.sum(scores, axis=-1)
 
-    # Across chunks: states of all earlier chunks, plus the initial state.
-    kv_chunk = ops.einsum("bnshd,bnshm->bnhdm", k, v)
-    k_sum_chunk = ops.sum(k, axis=2)
-    kv_prefix = _exclusive_cumsum(kv_chunk)
-    k_sum_prefix = _exclusive_cumsum(k_sum_chunk)
+    # Across chunks: the states of all earlier chunks, plus the initial state.
+    kv_chunk = ops.matmul(ops.swapaxes(k, 1, 2), v)
+    k_sum_chunk = ops.sum(k, axis=1)
+    batch_heads = ops.shape(phi_q)[0] * heads
+    kv_prefix = exclusive_prefix_sum(ops.reshape(kv_chunk, (batch_heads, -1, feat * vdim)))
+    k_sum_prefix = exclusive_prefix_sum(ops.reshape(k_sum_chunk, (batch_heads, -1, feat)))
     if kv0 is not None:
-        kv_prefix = kv_prefix + ops.expand_dims(kv0, 1)
-        k_sum_prefix = k_sum_prefix + ops.expand_dims(k_sum0, 1)
-    numerator = numerator + ops.einsum("bnchd,bnhdm->bnchm", q, kv_prefix)
+        kv_prefix = kv_prefix + ops.reshape(kv0, (-1, 1, feat * vdim))
+        k_sum_prefix = k_sum_prefix + ops.reshape(k_sum0, (-1, 1, feat))
+    numerator = numerator + ops.matmul(q, ops.reshape(kv_prefix, (-1, feat, vdim)))
     # A product and sum, not an einsum: TFLite has no builtin for this contraction.
-    denominator = denominator + ops.sum(q * ops.expand_dims(k_sum_prefix, 2), axis=-1)
+    k_sum_prefix = ops.reshape(k_sum_prefix, (-1, 1, feat))
+    denominator = denominator + ops.sum(q * k_sum_prefix, axis=-1)
 
     out = _common.guard(numerator / (ops.expand_dims(denominator, -1) + eps), factor)
-    out = ops.reshape(out, (ops.shape(out)[0], -1, out.shape[3], out.shape[4]))
+    out = ops.reshape(out, (ops.shape(phi_q)[0], heads, -1, chunk, vdim))
+    out = ops.reshape(ops.transpose(out, (0, 2, 3, 1, 4)), (ops.shape(phi_q)[0], -1, heads, vdim))
     out = ops.cast(out[:, : ops.shape(phi_q)[1]], out_dtype)
     if not return_state:
         return out
-    state = (kv_prefix[:, -1] + kv_chunk[:, -1], k_sum_prefix[:, -1] + k_sum_chunk[:, -1])
-    return out, state
+    return out, _final_state(kv_prefix, kv_chunk, k_sum_prefix, k_sum_chunk, phi_q, value)
+
+
+def _final_state(kv_prefix, kv_chunk, k_sum_prefix, k_sum_chunk, phi_q, value) -> tuple:
+    """State after the last chunk: its prefix plus its own contribution."""
+    batch, heads, feat, vdim = ops.shape(phi_q)[0], phi_q.shape[2], phi_q.shape[3], value.shape[3]
+    kv_chunk = ops.reshape(kv_chunk, ops.shape(kv_prefix))
+    kv = kv_prefix[:, -1] + kv_chunk[:, -1]
+    k_sum_prefix = ops.reshape(k_sum_prefix, (batch * heads, -1, feat))
+    k_sum = k_sum_prefix[:, -1] + ops.reshape(k_sum_chunk, ops.shape(k_sum_prefix))[:, -1]
+    return ops.reshape(kv, (batch, heads, feat, vdim)), ops.reshape(k_sum, (batch, heads, feat))
 
 
 def check_state(state: tuple | None, phi_k: Any, value: Any, acc: str) -> tuple:

@@ -48,9 +48,12 @@ def linear_attention(
     acc = _common.accumulation_dtype(phi_q, phi_k, value)
     phi_q, phi_k, value = _common.cast_all(acc, phi_q, phi_k, value)
     phi_k = _common.mask_keys(phi_k, key_mask)
-    kv = ops.einsum("bshd,bshm->bhdm", phi_k, value)
-    k_sum = ops.sum(phi_k, axis=1)
-    numerator = ops.einsum("bthd,bhdm->bthm", phi_q, kv)
-    denominator = ops.einsum("bthd,bhd->bth", phi_q, k_sum)
-    out = numerator / (ops.expand_dims(denominator, -1) + eps)
+    # Heads first, so every contraction is a plain batched matmul whose
+    # backward needs no transposes either.
+    q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (phi_q, phi_k, value))
+    kv = ops.matmul(ops.swapaxes(k, 2, 3), v)
+    k_sum = ops.sum(k, axis=2, keepdims=True)
+    numerator = ops.matmul(q, kv)
+    denominator = ops.matmul(q, ops.swapaxes(k_sum, 2, 3))
+    out = ops.transpose(numerator / (denominator + eps), (0, 2, 1, 3))
     return ops.cast(_common.guard(out, factor), out_dtype)

@@ -1,0 +1,171 @@
+"""The speed and memory suite: layers and core math against softmax attention.
+
+Every configuration runs in a fresh process (`bench_config.py`), so its peak
+memory is its own; softmax lengths that exhaust the memory cap are recorded
+as "out of memory", and longer ones are then skipped. Writes `suite.json`
+(results + machine description), the figures and the target table
+(`figures.py`, `targets.py`) into `--out`.
+
+    python benchmarks/suite.py                  # full suite (about 40 min)
+    python benchmarks/suite.py --quick --jit off --out /tmp/bench   # 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import figures
+import targets
+
+HERE = Path(__file__).resolve().parent
+LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+LAYER_IMPLS = [
+    "keras_mha_causal",
+    "keras_mha",
+    "linear_causal",
+    "linear",
+    "causal_layer",
+    "projections",
+]
+CORE_IMPLS = ["softmax_causal", "causal", "noncausal"]
+SWEEP_CHUNKS = [16, 32, 64, 128, 256]
+
+
+def configurations(
+    lengths: list, sweep_lengths: list, fit_length: int, jits=(False, True), chunks=SWEEP_CHUNKS
+) -> list:
+    """Every configuration, grouped so a failed softmax length skips longer ones."""
+    configs = []
+    for jit in jits:
+        for impl in LAYER_IMPLS:
+            configs += [{"kind": "layer", "impl": impl, "n": n, "jit": jit} for n in lengths]
+        for impl in CORE_IMPLS:
+            configs += [{"kind": "core", "impl": impl, "n": n, "jit": jit} for n in lengths]
+        for n in sweep_lengths:
+            configs += [
+                {"kind": "core", "impl": "causal", "n": n, "jit": jit, "chunk": c, "sweep": True}
+                for c in chunks
+            ]
+        configs.append({"kind": "fit", "n": fit_length, "jit": jit})
+    return configs
+
+
+def run_one(cfg: dict, timeout: float) -> dict:
+    """Run one configuration in a fresh process; its failure is a result."""
+    cmd = [sys.executable, str(HERE / "bench_config.py"), json.dumps(cfg)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**cfg, "status": f"timeout (> {timeout:.0f} s)"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    reason = "killed (out of memory?)" if proc.returncode < 0 else "error"
+    return {**cfg, "status": f"{reason}: rc {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+
+
+def _series(cfg: dict) -> tuple:
+    return cfg["kind"], cfg.get("impl"), cfg["jit"], cfg.get("chunk"), cfg.get("sweep", False)
+
+
+def run_all(configs: list, common: dict, timeout: float) -> list:
+    results, failed = [], set()
+    for cfg in configs:
+        cfg = {**cfg, **common}
+        if _series(cfg) in failed:
+            result = {**cfg, "status": "skipped: a shorter length already failed"}
+        else:
+            started = time.perf_counter()
+            result = run_one(cfg, timeout)
+            result["process_seconds"] = time.perf_counter() - started
+        if result["status"] != "ok":
+            failed.add(_series(cfg))
+        results.append(result)
+        print(_describe(result), flush=True)
+    return results
+
+
+def _describe(r: dict) -> str:
+    name = f"{r['kind']:5s} {r.get('impl', 'lm'):16s} N={r['n']:>6} jit={int(r['jit'])}"
+    if r.get("chunk"):
+        name += f" C={r['chunk']}"
+    if r["status"] != "ok":
+        return f"{name}  {r['status']}"
+    times = "  ".join(f"{m} {r[m]['seconds'] * 1e3:9.1f} ms" for m in ("fwd", "fwdbwd") if m in r)
+    if "seconds" in r:
+        times = f"step {r['seconds'] * 1e3:9.1f} ms"
+    return f"{name}  {times}  peak {r['peak_rss_mib']:7.0f} MiB"
+
+
+def machine() -> dict:
+    import keras
+    import tensorflow as tf
+
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
+        platform.processor(),
+    )
+    mem_kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if "MemTotal" in line)
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / (1 << 20), 1),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(HERE / "results"), help="folder for JSON and PNGs")
+    p.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
+    p.add_argument("--sweep-lengths", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--fit-length", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget", type=float, default=20, help="seconds of timed runs per config")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per process")
+    p.add_argument("--memory-limit", type=float, default=16, help="GiB per process")
+    p.add_argument("--jit", choices=["both", "off", "on"], default="both", help="XLA or not")
+    p.add_argument("--quick", action="store_true", help="N = 128, one repeat (a smoke test)")
+    args = p.parse_args(argv)
+    chunks = SWEEP_CHUNKS
+    if args.quick:
+        args.lengths, args.sweep_lengths, args.fit_length = [128], [128], 64
+        args.repeats, args.budget, chunks = 1, 0, [32, 64]
+    jits = {"both": (False, True), "off": (False,), "on": (True,)}[args.jit]
+    common = {
+        "repeats": args.repeats,
+        "budget_s": args.budget,
+        "memory_limit_gib": args.memory_limit,
+    }
+    configs = configurations(args.lengths, args.sweep_lengths, args.fit_length, jits, chunks)
+    started = time.time()
+    report = {
+        "machine": machine(),
+        "args": vars(args),
+        "results": run_all(configs, common, args.timeout),
+        "suite_seconds": time.time() - started,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.json").write_text(json.dumps(report, indent=1))
+    figures.plot_all(report, out)
+    table = targets.table(report)
+    (out / "targets.md").write_text(table)
+    print(table)
+    return report
+
+
+sys.path.insert(0, str(HERE))  # figures.py and targets.py live beside this file
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Issue 3's targets as a Markdown table, computed from one suite run.
+
+python benchmarks/targets.py benchmarks/results/suite.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+# fast-transformers (PyTorch CPU, causal linear AttentionLayer, same shapes),
+# forward+backward on this machine kind: ../shared/NOTES.md section 2.
+FAST_TRANSFORMERS_MS = {4096: 252.0, 16384: 1488.0}
+
+
+class Results:
+    """Lookups into a suite report."""
+
+    def __init__(self, report: dict):
+        self.rows = [r for r in report["results"] if not r.get("sweep")]
+
+    def find(self, kind: str, impl: str | None, n: int, jit: bool) -> dict | None:
+        for r in self.rows:
+            if (r["kind"], r.get("impl"), r["n"], r["jit"]) == (kind, impl, n, jit):
+                return r if r["status"] == "ok" else None
+        return None
+
+    def seconds(self, impl: str, n: int, jit: bool, mode="fwdbwd", kind="layer") -> float | None:
+        r = self.find(kind, impl, n, jit)
+        return r[mode]["seconds"] if r else None
+
+    def ratio(self, a: str, b: str, n: int, jit: bool, n_b: int | None = None) -> float | None:
+        ta, tb = self.seconds(a, n, jit), self.seconds(b, n_b or n, jit)
+        return ta / tb if ta and tb else None
+
+
+def _fmt(value: float | None, unit: str = "×") -> str:
+    return "not run" if value is None else f"{value:.2f}{unit}"
+
+
+def _check(value: float | None, limit: float, at_most: bool) -> str:
+    if value is None:
+        return "n/a"
+    return "yes" if (value <= limit if at_most else value >= limit) else "**no**"
+
+
+def rows(report: dict) -> list:
+    """(target, no-XLA value, XLA value, limit, at_most, unit) per target."""
+    res, out = Results(report), []
+    for n, limit, at_most in ((512, 1.0, True), (4096, 4.0, False), (8192, 8.0, False)):
+        for impl in ("linear_causal", "causal_layer"):
+            name = f"Keras MHA causal / {impl}, N={n} (speed-up)"
+            vals = [res.ratio("keras_mha_causal", impl, n, jit) for jit in (False, True)]
+            if n == 512:  # stated as "ours / Keras ≤ 1.0"
+                name = f"{impl} / Keras MHA causal, N={n}"
+                vals = [1 / v if v else None for v in vals]
+            out.append((name, *vals, limit, at_most, "×"))
+    for n in (4096, 16384):
+        vals = [res.ratio("linear_causal", "linear", n, jit) for jit in (False, True)]
+        out.append((f"causal / non-causal layer, N={n}", *vals, 1.3, True, "×"))
+    for n, ref in FAST_TRANSFORMERS_MS.items():
+        vals = [_ms(res.seconds("linear_causal", n, jit)) for jit in (False, True)]
+        out.append(
+            (f"linear_causal ms, N={n} (fast-transformers {ref:.0f} ms)", *vals, ref, True, " ms")
+        )
+    vals = [
+        res.ratio("linear_causal", "linear_causal", 65536, jit, n_b=4096) for jit in (False, True)
+    ]
+    out.append(("causal time N=65536 / N=4096", *vals, 18.0, True, "×"))
+    vals = [_peak(res.find("layer", "linear_causal", 65536, jit)) for jit in (False, True)]
+    out.append(("causal peak process memory, N=65536", *vals, 3072.0, True, " MiB"))
+    vals = [res.ratio("linear", "projections", 16384, jit) for jit in (False, True)]
+    out.append(("non-causal layer / its projections, N=16384", *vals, 1.25, True, "×"))
+    vals = [_flop_share(res.find("core", "causal", 16384, jit)) for jit in (False, True)]
+    out.append(("core causal fwd+bwd GFLOP/s / matmul GFLOP/s, N=16384", *vals, 0.40, False, ""))
+    fit = [res.find("fit", None, _fit_n(report), jit) for jit in (False, True)]
+    ratio = fit[1]["seconds"] / fit[0]["seconds"] if all(fit) else None
+    out.append(("model.fit step, jit_compile=True / default", ratio, ratio, 1.2, True, "×"))
+    return out
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def _peak(r: dict | None) -> float | None:
+    return r["fwdbwd"]["peak_rss_mib"] if r else None
+
+
+def _flop_share(r: dict | None) -> float | None:
+    return r["fwdbwd"]["gflops"] / r["matmul_gflops"] if r else None
+
+
+def _fit_n(report: dict) -> int:
+    return next((r["n"] for r in report["results"] if r["kind"] == "fit"), 0)
+
+
+def table(report: dict) -> str:
+    lines = [
+        "| target | no XLA (default) | met | XLA | met | limit |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, plain, xla, limit, at_most, unit in rows(report):
+        bound = f"{'≤' if at_most else '≥'} {limit:g}{unit}"
+        lines.append(
+            f"| {name} | {_fmt(plain, unit)} | {_check(plain, limit, at_most)} "
+            f"| {_fmt(xla, unit)} | {_check(xla, limit, at_most)} | {bound} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(table(json.loads(open(sys.argv[1]).read())))
