@@ -150,6 +150,22 @@ class FavorFeatureMap(FeatureMap):
         m = self.projection.shape[-1]
         return ops.exp(proj - sq_norm) / math.sqrt(m)
 
+    # The seed generator's state is not a Keras weight, so `model.save` would
+    # drop it and a reloaded model would redraw a different W than the
+    # original. It is saved beside the weights; files without it still load.
+    _SEED_STATE_KEY = "seed_generator_state"
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        if self.redraw_interval:
+            store[self._SEED_STATE_KEY] = self._seed_generator.state
+
+    def load_own_variables(self, store):
+        keys = [k for k in store.keys() if k != self._SEED_STATE_KEY]
+        super().load_own_variables({k: store[k] for k in keys})
+        if self.redraw_interval and self._SEED_STATE_KEY in store.keys():
+            self._seed_generator.state.assign(store[self._SEED_STATE_KEY])
+
     def get_config(self):
         return {
             **super().get_config(),

@@ -1,6 +1,8 @@
 """Project-level checks: lint, the example and the benchmark run (smoke)."""
 
+import importlib.util
 import json
+import os
 import runpy
 import shutil
 import subprocess
@@ -39,6 +41,16 @@ def test_benchmark_suite_smoke(tmp_path):
     for name in ("figure1.png", "core.png", "chunk_sweep.png", "targets.md"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| target |" in (tmp_path / "targets.md").read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+def test_backend_agnostic_suite_under_jax():
+    """The CI step for other backends: tests/test_backends.py with KERAS_BACKEND=jax."""
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_backends.py"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
 
 
 def test_generation_benchmark_smoke(tmp_path):

@@ -4,22 +4,48 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from keras_linear_attention.generation.recurrent_lm import RecurrentLM
 
 
-@tf.function(jit_compile=True)
-def _select(logits, temperature, top_k, seed):
-    """Greedy when `temperature == 0`, else top-k (0 = all) sampling at `temperature`."""
-    vocab = tf.shape(logits)[-1]
-    k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
-    kth = tf.math.top_k(logits, k).values[:, -1:]
-    masked = tf.where(logits < kth, tf.constant(-np.inf, logits.dtype), logits)
-    scaled = masked / tf.maximum(temperature, 1e-6)
-    sampled = tf.random.stateless_categorical(scaled, 1, seed, dtype=tf.int32)[:, 0]
-    greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    return tf.where(temperature > 0, sampled, greedy)
+def _select(logits, temperature: float, top_k: int, seed: tuple) -> np.ndarray:
+    """Next token ids: greedy when `temperature == 0`, else top-k (0 = all)
+    sampling at `temperature`, keyed on `seed = (seed, step)`."""
+    if keras.backend.backend() == "tensorflow":
+        return _tf_select(logits, temperature, top_k, seed)
+    if temperature == 0:
+        return ops.convert_to_numpy(ops.argmax(logits, axis=-1)).astype(np.int32)
+    k = min(top_k, logits.shape[-1]) if top_k else logits.shape[-1]
+    kth = ops.top_k(logits, k)[0][:, -1:]
+    masked = ops.where(logits < kth, -np.inf, logits) / temperature
+    sampled = keras.random.categorical(masked, 1, seed=seed[0] * 1_000_003 + seed[1])
+    return ops.convert_to_numpy(sampled[:, 0]).astype(np.int32)
+
+
+_TF_SELECT = []  # the compiled TF sampler, built on first use
+
+
+def _tf_select(logits, temperature, top_k, seed) -> np.ndarray:
+    """Stateless TF RNG, XLA-compiled: the same tokens for the same seed."""
+    import tensorflow as tf
+
+    if not _TF_SELECT:
+
+        @tf.function(jit_compile=True)
+        def select(logits, temperature, top_k, seed):
+            vocab = tf.shape(logits)[-1]
+            k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
+            kth = tf.math.top_k(logits, k).values[:, -1:]
+            masked = tf.where(logits < kth, tf.constant(-np.inf, logits.dtype), logits)
+            scaled = masked / tf.maximum(temperature, 1e-6)
+            sampled = tf.random.stateless_categorical(scaled, 1, seed, dtype=tf.int32)[:, 0]
+            greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            return tf.where(temperature > 0, sampled, greedy)
+
+        _TF_SELECT.append(select)
+    args = (tf.constant(float(temperature)), tf.constant(int(top_k)), tf.constant(seed, tf.int32))
+    return _TF_SELECT[0](logits, *args).numpy()
 
 
 def _check_args(prompts, max_new_tokens, temperature, top_k, max_length) -> None:
@@ -86,16 +112,15 @@ def generate(
     if max_new_tokens == 0:
         return tokens[0]
     done = np.zeros(len(prompts), bool)
-    logits, states = runner.prefill(tf.constant(tokens[0]))
-    options = (tf.constant(float(temperature)), tf.constant(int(top_k or 0)))
+    logits, states = runner.prefill(ops.convert_to_tensor(tokens[0]))
     for i in range(max_new_tokens):
-        token = _select(logits, *options, tf.constant([seed, i], tf.int32)).numpy()
+        token = _select(logits, temperature, top_k or 0, (seed, i))
         if stop_token_id is not None:
             token = np.where(done, stop_token_id, token)
             done |= token == stop_token_id
         tokens.append(token[:, None])
         if done.all() or i == max_new_tokens - 1:
             break
-        index = tf.constant(prompts.shape[1] + i, tf.int32)
-        logits, states = runner.step(tf.constant(token), states, index)
+        index = ops.convert_to_tensor(prompts.shape[1] + i, "int32")
+        logits, states = runner.step(ops.convert_to_tensor(token), states, index)
     return np.concatenate(tokens, axis=1)

@@ -53,18 +53,35 @@ def guard(out: Any, factor: Any) -> Any:
     return out if factor is None else out * ops.cast(factor, out.dtype)
 
 
-def mask_keys(phi_k: Any, key_mask: Any) -> Any:
-    """Zero φ(k_j) of padded keys: removes them from both S and z."""
+def mask_keys(phi_k: Any, value: Any, key_mask: Any) -> tuple:
+    """Zero φ(k_j) and v_j of padded keys: removes them from both S and z.
+
+    `where`, not a product: a NaN or inf in a padded position (pipelines pad
+    with anything) must not leak into the unpadded outputs through 0·NaN.
+    """
     if key_mask is None:
-        return phi_k
+        return phi_k, value
     if len(key_mask.shape) != 2:
         raise ValueError(
             "`key_mask` must have shape (batch, source_len); received shape "
             f"{tuple(key_mask.shape)}."
         )
     _checks.check_dim("key_mask length", key_mask.shape[1], "phi_k length", phi_k.shape[1])
-    mask = ops.cast(ops.cast(key_mask, "bool"), phi_k.dtype)
-    return phi_k * ops.expand_dims(mask, (2, 3))
+    keep = ops.expand_dims(ops.cast(key_mask, "bool"), (2, 3))
+    return ops.where(keep, phi_k, 0), None if value is None else ops.where(keep, value, 0)
+
+
+def normalize(numerator: Any, denominator: Any, eps: float) -> Any:
+    """`numerator / (denominator + eps)`, with 0 where that sum is exactly 0.
+
+    A query whose features are orthogonal to every key feature (relu maps
+    with all-negative inputs, every key padded) has numerator 0 and, with
+    `eps=0`, denominator 0: the documented fallback output is 0, not NaN.
+    `denominator` has a trailing axis of 1 and broadcasts over values.
+    """
+    denominator = denominator + eps
+    zero = ops.equal(denominator, 0)
+    return numerator / ops.where(zero, ops.ones_like(denominator), denominator)
 
 
 def cast_all(dtype: str, *tensors: Any) -> list:

@@ -109,7 +109,7 @@ def causal_linear_attention(
     factor = _common.nonempty_factor(phi_k, "phi_k")
     acc = _common.accumulation_dtype(phi_q, phi_k, value)
     phi_q, phi_k, value = _common.cast_all(acc, phi_q, phi_k, value)
-    phi_k = _common.mask_keys(phi_k, key_mask)
+    phi_k, value = _common.mask_keys(phi_k, value, key_mask)
     kv0, k_sum0 = check_state(initial_state, phi_k, value, acc)
 
     length, heads = phi_q.shape[1], phi_q.shape[2]
@@ -136,7 +136,8 @@ def causal_linear_attention(
     k_sum_prefix = ops.reshape(k_sum_prefix, (-1, 1, feat))
     denominator = denominator + ops.sum(q * k_sum_prefix, axis=-1)
 
-    out = _common.guard(numerator / (ops.expand_dims(denominator, -1) + eps), factor)
+    out = _common.normalize(numerator, ops.expand_dims(denominator, -1), eps)
+    out = _common.guard(out, factor)
     out = ops.reshape(out, (ops.shape(phi_q)[0], heads, -1, chunk, vdim))
     out = ops.reshape(ops.transpose(out, (0, 2, 3, 1, 4)), (ops.shape(phi_q)[0], -1, heads, vdim))
     out = ops.cast(out[:, : ops.shape(phi_q)[1]], out_dtype)

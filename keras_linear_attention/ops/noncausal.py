@@ -47,7 +47,7 @@ def linear_attention(
     factor = _common.nonempty_factor(phi_k, "phi_k")
     acc = _common.accumulation_dtype(phi_q, phi_k, value)
     phi_q, phi_k, value = _common.cast_all(acc, phi_q, phi_k, value)
-    phi_k = _common.mask_keys(phi_k, key_mask)
+    phi_k, value = _common.mask_keys(phi_k, value, key_mask)
     # Heads first, so every contraction is a plain batched matmul whose
     # backward needs no transposes either.
     q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (phi_q, phi_k, value))
@@ -55,5 +55,5 @@ def linear_attention(
     k_sum = ops.sum(k, axis=2, keepdims=True)
     numerator = ops.matmul(q, kv)
     denominator = ops.matmul(q, ops.swapaxes(k_sum, 2, 3))
-    out = ops.transpose(numerator / (denominator + eps), (0, 2, 1, 3))
+    out = ops.transpose(_common.normalize(numerator, denominator, eps), (0, 2, 1, 3))
     return ops.cast(_common.guard(out, factor), out_dtype)

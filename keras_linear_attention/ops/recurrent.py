@@ -63,7 +63,7 @@ def linear_attention_step(
     k_sum = k_sum + phi_k
     numerator = ops.einsum("bhd,bhdm->bhm", phi_q, kv)
     denominator = ops.einsum("bhd,bhd->bh", phi_q, k_sum)
-    out = numerator / (ops.expand_dims(denominator, -1) + eps)
+    out = _common.normalize(numerator, ops.expand_dims(denominator, -1), eps)
     return ops.cast(out, out_dtype), (kv, k_sum)
 
 
@@ -88,7 +88,7 @@ def recurrent_linear_attention(
     _common.check_qkv(phi_q, phi_k, value)
     _checks.check_dim("phi_q length", phi_q.shape[1], "phi_k length", phi_k.shape[1])
     acc = _common.accumulation_dtype(phi_q, phi_k, value)
-    phi_k = _common.mask_keys(ops.cast(phi_k, acc), key_mask)
+    phi_k, value = _common.mask_keys(ops.cast(phi_k, acc), value, key_mask)
     if initial_state is None:
         b, h, d, m = ops.shape(phi_k)[0], phi_k.shape[2], phi_k.shape[3], value.shape[3]
         initial_state = (ops.zeros((b, h, d, m), acc), ops.zeros((b, h, d), acc))

@@ -25,9 +25,9 @@ def kernel_attention_scores(
     phi_q, phi_k = ops.convert_to_tensor(phi_q), ops.convert_to_tensor(phi_k)
     acc = _common.accumulation_dtype(phi_q, phi_k)
     phi_q, phi_k = _common.cast_all(acc, phi_q, phi_k)
-    phi_k = _common.mask_keys(phi_k, key_mask)
+    phi_k, _ = _common.mask_keys(phi_k, None, key_mask)
     scores = ops.einsum("bthd,bshd->bhts", phi_q, phi_k)
     if causal:
         t, s = ops.shape(scores)[2], ops.shape(scores)[3]
         scores = scores * ops.cast(ops.tril(ops.ones((t, s))), acc)
-    return scores / (ops.sum(scores, axis=-1, keepdims=True) + eps)
+    return _common.normalize(scores, ops.sum(scores, axis=-1, keepdims=True), eps)

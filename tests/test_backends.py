@@ -1,0 +1,200 @@
+"""Backend-agnostic checks: only `keras.ops` and NumPy, so they run under any
+Keras backend. CI runs this file a second time with `KERAS_BACKEND=jax`;
+the float64 NumPy reference is the same in both runs, and one test loads a
+`.keras` file saved here into the other backend and compares outputs.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_linear_attention as kla
+from keras_linear_attention.export import export_saved_model
+from keras_linear_attention.generation import RecurrentLM, generate
+
+BACKEND = keras.backend.backend()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def np_elu1(x):
+    return np.where(x > 0, x + 1, np.exp(np.minimum(x, 0)))
+
+
+def np_kernel_attention(q, k, v, mask=None, causal=False, eps=1e-6):
+    """The explicit (B, H, T, S) kernel matrix in float64 NumPy."""
+    a = np.einsum("bthd,bshd->bhts", q, k)
+    if mask is not None:
+        a = a * mask[:, None, None, :]
+    if causal:
+        a = a * np.tril(np.ones(a.shape[-2:]))
+    a = a / (a.sum(-1, keepdims=True) + eps)
+    return np.einsum("bhts,bshm->bthm", a, v)
+
+
+def grads(fn, *args):
+    """Gradient of sum(fn(*args) * w) for a fixed cotangent w, per backend."""
+
+    def loss(*xs):
+        out = fn(*xs)
+        w = ops.sin(ops.reshape(ops.arange(ops.size(out), dtype=out.dtype), ops.shape(out)))
+        return ops.sum(out * w)
+
+    if BACKEND == "jax":
+        import jax
+
+        return jax.grad(loss, argnums=tuple(range(len(args))))(*args)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        args = [tf.constant(a) for a in args]
+        with tf.GradientTape() as tape:
+            tape.watch(args)
+            value = loss(*args)
+        return tape.gradient(value, args)
+    pytest.skip(f"no gradient helper for backend {BACKEND}")
+
+
+def _qkv(rng, n, batch=2, heads=2, dim=4):
+    q, k = (np_elu1(rng.normal(size=(batch, n, heads, dim))) for _ in "qk")
+    return q, k, rng.normal(size=(batch, n, heads, 3))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n,chunk", [(1, 4), (13, 4), (70, 4), (64, 64)])
+def test_ops_forward_and_gradients_match_numpy(rng, causal, n, chunk):
+    q, k, v = _qkv(rng, n)
+    mask = rng.random((2, n)) > 0.3
+    mask[:, 0] = True
+
+    def ours(q, k, v):
+        if causal:
+            return kla.causal_linear_attention(q, k, v, key_mask=mask, chunk_size=chunk)
+        return kla.linear_attention(q, k, v, key_mask=mask)
+
+    out = ops.convert_to_numpy(ours(*(x.astype("float32") for x in (q, k, v))))
+    np.testing.assert_allclose(
+        out, np_kernel_attention(q, k, v, mask, causal), rtol=1e-4, atol=2e-5
+    )
+    # Gradients against the explicit matrix written in keras.ops, float32 (JAX
+    # runs without x64 by default, so float64 would silently be float32).
+    q, k, v = (x.astype("float32") for x in (q, k, v))
+    ours_grads = grads(ours, q, k, v)
+    ref_grads = grads(lambda q, k, v: _ref_ops(q, k, v, mask, causal), q, k, v)
+    for a, b in zip(ours_grads, ref_grads, strict=True):
+        a, b = ops.convert_to_numpy(a), ops.convert_to_numpy(b)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _ref_ops(q, k, v, mask, causal, eps=1e-6):
+    """`np_kernel_attention` in keras.ops, so every backend can differentiate it."""
+    a = ops.einsum("bthd,bshd->bhts", q, k) * ops.cast(mask[:, None, None, :], q.dtype)
+    if causal:
+        a = a * ops.cast(ops.tril(ops.ones(a.shape[-2:])), q.dtype)
+    a = a / (ops.sum(a, -1, keepdims=True) + eps)
+    return ops.einsum("bhts,bshm->bthm", a, v)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_layer_matches_numpy_from_its_weights(rng, causal):
+    layer = kla.LinearMultiHeadAttention(num_heads=2, key_dim=4)
+    x = rng.normal(size=(2, 9, 8)).astype("float32")
+    out = ops.convert_to_numpy(layer(x, x, use_causal_mask=causal))
+    w = {
+        v.path.split("/", 1)[1]: np.asarray(v.numpy() if hasattr(v, "numpy") else v, np.float64)
+        for v in layer.weights
+    }
+
+    def proj(name):
+        return np.einsum("btd,dhk->bthk", x, w[f"{name}/kernel"]) + w[f"{name}/bias"]
+
+    att = np_kernel_attention(
+        np_elu1(proj("query")), np_elu1(proj("key")), proj("value"), causal=causal
+    )
+    expected = (
+        np.einsum("bthk,hkd->btd", att, w["attention_output/kernel"]) + w["attention_output/bias"]
+    )
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def lm():
+    keras.utils.set_random_seed(1)
+    return kla.build_causal_lm(19, max_length=32, hidden_dim=16, num_heads=2, num_layers=2)
+
+
+def test_fit_trains_and_save_load_round_trips(lm, tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = np.repeat(rng.integers(0, 19, (64, 17)), 2, axis=1)[:, :33]
+    lm.compile(
+        keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    losses = lm.fit(tokens[:, :-1], tokens[:, 1:], batch_size=16, epochs=12, verbose=0).history[
+        "loss"
+    ]
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
+    lm.save(tmp_path / "lm.keras")
+    again = keras.saving.load_model(tmp_path / "lm.keras")
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(again(tokens[:4, :-1])),
+        ops.convert_to_numpy(lm(tokens[:4, :-1])),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_greedy_generation_equals_parallel_recomputation(lm):
+    prompts = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+    tokens = prompts
+    for _ in range(8):
+        logits = ops.convert_to_numpy(lm(tokens))[:, -1]
+        tokens = np.concatenate([tokens, logits.argmax(-1)[:, None].astype(np.int32)], axis=1)
+    np.testing.assert_array_equal(generate(lm, prompts, 8), tokens)
+
+
+def test_prefill_then_steps_equals_parallel_logits(lm):
+    runner = RecurrentLM(lm)
+    tokens = np.array([[3, 1, 4, 1, 5, 9, 2, 6]], np.int32)
+    states = runner.initial_state(1)
+    for i in range(tokens.shape[1]):
+        logits, states = runner.step(ops.convert_to_tensor(tokens[:, i]), states, i)
+    expected = ops.convert_to_numpy(lm(tokens))[:, -1]
+    np.testing.assert_allclose(ops.convert_to_numpy(logits), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_seeded_sampling_is_reproducible(lm):
+    a = generate(lm, [[1, 2]], 10, temperature=1.0, top_k=5, seed=3)
+    b = generate(lm, [[1, 2]], 10, temperature=1.0, top_k=5, seed=3)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="export works on TensorFlow")
+def test_export_says_it_needs_tensorflow(lm, tmp_path):
+    with pytest.raises(RuntimeError, match="KERAS_BACKEND=tensorflow"):
+        export_saved_model(lm, str(tmp_path / "sm"))
+
+
+OTHER = "jax" if BACKEND == "tensorflow" else "tensorflow"
+
+
+@pytest.mark.skipif(importlib.util.find_spec(OTHER) is None, reason=f"{OTHER} not installed")
+def test_other_backend_loads_the_file_and_gives_the_same_numbers(lm, tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 19, (2, 20)).astype(np.int32)
+    lm.save(tmp_path / "lm.keras")
+    np.save(tmp_path / "tokens.npy", tokens)
+    code = (
+        "import sys, numpy as np, keras; import keras_linear_attention;"
+        "m = keras.saving.load_model(sys.argv[1]);"
+        "np.save(sys.argv[3], keras.ops.convert_to_numpy(m(np.load(sys.argv[2]))))"
+    )
+    env = {**os.environ, "KERAS_BACKEND": OTHER, "PYTHONPATH": str(ROOT)}
+    paths = [str(tmp_path / name) for name in ("lm.keras", "tokens.npy", "other.npy")]
+    subprocess.run([sys.executable, "-c", code, *paths], env=env, check=True, timeout=300)
+    mine = ops.convert_to_numpy(lm(tokens))
+    np.testing.assert_allclose(np.load(paths[2]), mine, rtol=1e-4, atol=1e-5)
