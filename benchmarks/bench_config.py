@@ -21,10 +21,7 @@ Kinds:
 
 from __future__ import annotations
 
-import json
 import os
-import resource
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -32,35 +29,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _process import HEADS, KEY_DIM, MODEL_DIM, main, peak_rss_mib  # noqa: E402
+from _timing import timed  # noqa: E402
 from keras import ops  # noqa: E402
 
 import keras_linear_attention as kla  # noqa: E402
 
-HEADS, KEY_DIM, MODEL_DIM = 8, 64, 512
-
-
-def _limit_memory(gib: float) -> None:
-    limit = int(gib * (1 << 30))
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 
 def _timed(fn, repeats: int, budget_s: float) -> dict:
-    """Warm up (trace/compile) once, then time up to `repeats` calls; stop
-    early once `budget_s` is spent so long configurations stay bounded."""
-    start = time.perf_counter()
-    tf.nest.map_structure(np.asarray, fn())
-    warmup = time.perf_counter() - start
-    times = []
-    while len(times) < repeats and (not times or sum(times) < budget_s):
-        start = time.perf_counter()
-        tf.nest.map_structure(np.asarray, fn())
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return {"seconds": times[len(times) // 2], "runs": len(times), "warmup_seconds": warmup}
+    return timed(lambda: tf.nest.map_structure(np.asarray, fn()), repeats, budget_s)
 
 
 def _grad_fn(apply, variables, jit: bool, backward: bool):
@@ -201,7 +178,7 @@ def _measure_modes(cfg: dict, result: dict) -> None:
     for mode in ("fwd", "fwdbwd"):
         fn = _grad_fn(apply, variables, cfg["jit"], backward=mode == "fwdbwd")
         timing = _timed(lambda fn=fn: fn(*inputs), cfg.get("repeats", 3), cfg.get("budget_s", 20))
-        timing["peak_rss_mib"] = _peak_rss_mib()
+        timing["peak_rss_mib"] = peak_rss_mib()
         if cfg["kind"] == "core":
             chunk = cfg.get("chunk", kla.ops.DEFAULT_CHUNK_SIZE)
             timing["flops"] = core_flops(cfg["impl"], cfg["n"], chunk, mode == "fwdbwd")
@@ -222,11 +199,9 @@ def run(cfg: dict) -> dict:
         result["status"] = "ok"
     except (tf.errors.ResourceExhaustedError, MemoryError) as err:
         result["status"] = f"out of memory ({type(err).__name__})"
-    result["peak_rss_mib"] = _peak_rss_mib()
+    result["peak_rss_mib"] = peak_rss_mib()
     return result
 
 
 if __name__ == "__main__":
-    config = json.loads(sys.argv[1])
-    _limit_memory(config.get("memory_limit_gib", 16))
-    print("RESULT " + json.dumps(run(config)), flush=True)
+    main(run)

@@ -28,6 +28,11 @@ class FeatureMap(keras.layers.Layer):
     per forward pass, before φ is applied to queries and keys.
     """
 
+    # True when φ maps each vector along the last axis on its own, whatever
+    # the other axes are: the attention may then apply it to chunked
+    # tensors (see `ops.causal.causal_attention_of_projections`).
+    last_axis_only = False
+
     def output_dim(self, input_dim: int) -> int:
         return input_dim
 
@@ -42,13 +47,39 @@ class FeatureMap(keras.layers.Layer):
 class EluFeatureMap(FeatureMap):
     """φ(x) = elu(x) + 1, the default of "Transformers are RNNs"."""
 
+    last_axis_only = True
+
     def call(self, x):
-        return ops.elu(x) + ops.cast(1.0, x.dtype)
+        return elu_plus_one(x)
+
+
+def elu_plus_one(x: Any) -> Any:
+    """`elu(x) + 1`, whose gradient `min(φ, 1)` needs only φ itself.
+
+    Autodiff would keep `elu(x)` for its gradient besides φ: a second
+    (batch, length, heads, dim) tensor per call, which matters at long N.
+    """
+
+    # Decorated per call: autograph unwraps a module-level custom gradient
+    # when a user's tf.function calls this directly.
+    @ops.custom_gradient
+    def forward(x):
+        phi = ops.elu(x) + ops.cast(1.0, x.dtype)
+
+        def grad(*args, upstream=None):
+            upstream = args[0] if upstream is None else upstream  # TF / JAX
+            return upstream * ops.minimum(phi, ops.cast(1.0, phi.dtype))
+
+        return phi, grad
+
+    return forward(x)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class ReluFeatureMap(FeatureMap):
     """φ(x) = relu(x). Rows that are all zero give a zero output (eps)."""
+
+    last_axis_only = True
 
     def call(self, x):
         return ops.relu(x)
@@ -97,6 +128,8 @@ class FavorFeatureMap(FeatureMap):
     >>> fm(keras.ops.ones((2, 5, 4, 16))).shape
     (2, 5, 4, 32)
     """
+
+    last_axis_only = True
 
     def __init__(
         self,
@@ -238,6 +271,11 @@ def output_dim(feature_map: keras.layers.Layer, input_dim: int) -> int:
     if isinstance(feature_map, FeatureMap):
         return feature_map.output_dim(input_dim)
     return int(feature_map.compute_output_shape((None, input_dim))[-1])
+
+
+def maps_last_axis_only(feature_map: Any) -> bool:
+    """Whether `feature_map` may be applied to any layout with features last."""
+    return bool(getattr(feature_map, "last_axis_only", False))
 
 
 def redraw_if_due(feature_map: keras.layers.Layer, training: Any = None) -> None:

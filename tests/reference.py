@@ -41,6 +41,23 @@ def kernel_attention(phi_q, phi_k, v, key_mask=None, causal=False, eps=EPS):
     return tf.einsum("bhts,bshm->bthm", a, v)
 
 
+def causal_attention_with_state(phi_q, phi_k, v, kv0, k_sum0, key_mask=None, eps=EPS):
+    """Causal kernel attention seeded with a state `(kv0, k_sum0)` as if it
+    summed earlier keys; returns `(out, (kv, k_sum))`, the final state being
+    the plain masked sums. Explicit T×T matrix, float64."""
+    phi_q, phi_k, v, kv0, k_sum0 = (tf.cast(t, tf.float64) for t in (phi_q, phi_k, v, kv0, k_sum0))
+    if key_mask is not None:
+        keep = tf.cast(key_mask, tf.float64)[:, :, None, None]
+        phi_k, v = phi_k * keep, v * keep
+    n = phi_q.shape[1]
+    a = tf.einsum("bthd,bshd->bhts", phi_q, phi_k) * np.tril(np.ones((n, n)))
+    numerator = tf.einsum("bhts,bshm->bthm", a, v) + tf.einsum("bthd,bhdm->bthm", phi_q, kv0)
+    denominator = tf.reduce_sum(a, -1) + tf.einsum("bthd,bhd->bht", phi_q, k_sum0)
+    out = numerator / (tf.transpose(denominator, (0, 2, 1))[..., None] + eps)
+    kv = kv0 + tf.einsum("bshd,bshm->bhdm", phi_k, v)
+    return out, (kv, k_sum0 + tf.reduce_sum(phi_k, 1))
+
+
 def layer_weights(layer, dtype=tf.float64):
     """The layer's weights by sublayer path, e.g. {"query/kernel": ...}."""
     return {v.path.split("/", 1)[1]: tf.constant(v.numpy(), dtype) for v in layer.weights}

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_close
+from conftest import MODES, assert_close, in_mode
 from reference import elu_plus_one, favor, relu
 
 import keras_linear_attention as kla
@@ -17,6 +17,29 @@ def test_elementwise_maps(rng, name, ref):
     fm = feature_maps.get(name)
     assert_close(f"feature map {name}", fm(x), ref(tf.constant(x, tf.float64)), 1e-6, 1e-6)
     assert np.all(np.asarray(fm(x)) >= 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_elu_gradient_matches_reference(rng, mode, dtype):
+    """elu+1 has a hand-written gradient, min(φ, 1); check it on both
+    branches, at 0 exactly (elu'(0) = 1) and far out on either side."""
+    x = np.concatenate([rng.normal(size=60) * 3, [0.0, -30.0, 30.0, -1e-4, 1e-4]])
+    x = tf.constant(x.reshape(1, 13, 5), dtype)
+
+    def grad(fn, x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x)
+            weights = tf.reshape(tf.range(tf.size(y), dtype=tf.float32) % 7, tf.shape(y))
+            loss = tf.reduce_sum(y * tf.cast(weights, y.dtype))
+        return y, tape.gradient(loss, x)
+
+    ours = in_mode(lambda x: grad(feature_maps.get("elu"), x), mode)(x)
+    expected = grad(elu_plus_one, tf.cast(x, tf.float64))
+    tol = 1e-6 if dtype == "float32" else 2e-3
+    for name, a, b in zip(["value", "gradient"], ours, expected, strict=True):
+        assert_close(f"elu+1 {name} ({dtype})", a, b, tol, tol)
 
 
 def test_favor_matches_formula_and_is_positive(rng):

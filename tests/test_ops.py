@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import MODES, assert_close, in_mode
-from reference import elu_plus_one, kernel_attention
+from reference import causal_attention_with_state, elu_plus_one, kernel_attention
 
 import keras_linear_attention as kla
 
@@ -33,6 +33,11 @@ def _grads(fn, q, k, v, mask):
         w = tf.cast(tf.sin(tf.range(tf.size(out), dtype=tf.float64) * 1.3), out.dtype)
         loss = tf.reduce_sum(out * tf.reshape(w, tf.shape(out)))
     return [out, *tape.gradient(loss, [q, k, v])]
+
+
+def _cotangent(t):
+    """A fixed, non-constant cotangent shaped like `t`."""
+    return tf.reshape(tf.cos(tf.range(tf.size(t), dtype=t.dtype) * 0.7), tf.shape(t))
 
 
 def _check(name, ours, ref, dtype):
@@ -150,6 +155,39 @@ def test_prefill_then_steps_equals_parallel(rng, mode, prompt):
     assert_close("prefill+step vs reference", tf.concat(outs, 1), ref, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n,chunk", [(1, 4), (37, 8), (64, 64), (130, 16)])
+def test_state_in_and_out_gradients_match_reference(rng, mode, n, chunk):
+    """Gradients reach q, k, v and the initial state, also through the final
+    state (a loss on it, as truncated backprop through time has)."""
+    q, k, v = _inputs(rng, n)
+    kv0 = tf.constant(rng.random((2, H, D, M)), tf.float32)
+    k_sum0 = tf.constant(rng.random((2, H, D)), tf.float32)
+    mask = _padding(rng, 2, n)
+
+    def ours(q, k, v, kv0, k_sum0):
+        return kla.causal_linear_attention(
+            q, k, v, mask, initial_state=(kv0, k_sum0), chunk_size=chunk, return_state=True
+        )
+
+    def ref(q, k, v, kv0, k_sum0):
+        return causal_attention_with_state(q, k, v, kv0, k_sum0, key_mask=mask)
+
+    def values_and_grads(fn, *args):
+        with tf.GradientTape() as tape:
+            tape.watch(args)
+            out, state = fn(*args)
+            loss = sum(tf.reduce_sum(t * _cotangent(t)) for t in (out, *state))
+        return [out, *state, *tape.gradient(loss, list(args))]
+
+    args = (q, k, v, kv0, k_sum0)
+    got = in_mode(lambda *a: values_and_grads(ours, *a), mode)(*args)
+    expected = values_and_grads(ref, *(tf.cast(x, tf.float64) for x in args))
+    names = ["out", "kv", "k_sum", "dq", "dk", "dv", "d kv0", "d k_sum0"]
+    for name, a, b in zip(names, got, expected, strict=True):
+        assert_close(f"causal with state {name}", a, b, rtol=1e-4, atol=5e-5)
+
+
 def test_initial_state_continues_a_sequence(rng):
     """Chunked attention over two halves, the second seeded with the first's state."""
     q, k, v = _inputs(rng, 50)
@@ -214,9 +252,21 @@ def test_zero_feature_rows_give_zero_not_nan():
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 300])
 def test_exclusive_prefix_sum_matches_numpy(rng, mode, n):
     x = rng.normal(size=(3, n, 5))
-    fn = in_mode(kla.ops.causal.exclusive_prefix_sum, mode)
+    fn = in_mode(kla.ops._chunked.exclusive_prefix_sum, mode)
     expected = np.cumsum(x, axis=1) - x
     np.testing.assert_allclose(fn(tf.constant(x)), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 300])
+def test_exclusive_suffix_sum_and_offsets_match_numpy(rng, mode, n):
+    x, offset = rng.normal(size=(3, n, 5)), rng.normal(size=(3, 5))
+    suffix = in_mode(kla.ops._chunked.exclusive_suffix_sum, mode)
+    prefix = in_mode(kla.ops._chunked.exclusive_prefix_sum, mode)
+    expected = np.cumsum(x[:, ::-1], axis=1)[:, ::-1] - x + offset[:, None]
+    np.testing.assert_allclose(suffix(x, offset), expected, rtol=1e-12, atol=1e-12)
+    expected = np.cumsum(x, axis=1) - x + offset[:, None]
+    np.testing.assert_allclose(prefix(x, offset), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_backward_never_builds_a_per_token_state():

@@ -208,22 +208,13 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         k = _flatten_positions(self._key_dense(key))
         v = _flatten_positions(self._value_dense(value))
         fm_lib.redraw_if_due(self._feature_map, training)
-        phi_q, phi_k = self._feature_map(q), self._feature_map(k)
         v = self._dropout_layer(v, training=training)
         state = None
         if causal:
-            result = la_ops.causal_linear_attention(
-                phi_q,
-                phi_k,
-                v,
-                key_mask=key_padding,
-                initial_state=initial_state,
-                chunk_size=self._chunk_size,
-                eps=self._eps,
-                return_state=return_state,
-            )
+            result = self._causal_attention(q, k, v, key_padding, initial_state, return_state)
             out, state = result if return_state else (result, None)
         else:
+            phi_q, phi_k = self._feature_map(q), self._feature_map(k)
             out = la_ops.linear_attention(phi_q, phi_k, v, key_mask=key_padding, eps=self._eps)
         out = ops.reshape(out, _concat_shape(ops.shape(out)[:1], q_positions, out.shape[-2:]))
         if gate is not None:
@@ -232,13 +223,35 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         scores = None
         if return_scores:
             scores = la_ops.kernel_attention_scores(
-                phi_q, phi_k, key_mask=key_padding, causal=causal, eps=self._eps
+                self._feature_map(q),
+                self._feature_map(k),
+                key_mask=key_padding,
+                causal=causal,
+                eps=self._eps,
             )
             scores = ops.reshape(
                 ops.cast(scores, self.compute_dtype),
                 _concat_shape(ops.shape(scores)[:2], q_positions, k_positions),
             )
         return out, scores, state
+
+    def _causal_attention(self, q, k, v, key_padding, initial_state, return_state):
+        kwargs = dict(
+            key_mask=key_padding,
+            initial_state=initial_state,
+            chunk_size=self._chunk_size,
+            eps=self._eps,
+            return_state=return_state,
+        )
+        if fm_lib.maps_last_axis_only(self._feature_map):
+            # φ on the chunks: what φ keeps for its gradient is then what the
+            # attention needs, not a second, unchunked copy (memory at long N).
+            return la_ops.causal.causal_attention_of_projections(
+                q, k, v, self._feature_map, **kwargs
+            )
+        return la_ops.causal_linear_attention(
+            self._feature_map(q), self._feature_map(k), v, **kwargs
+        )
 
     def _check_inputs(self, query, value, key):
         layout = "(batch, positions..., features)"

@@ -18,20 +18,21 @@ def accumulation_dtype(*tensors: Any) -> str:
     return "float32"
 
 
-def check_qkv(phi_q: Any, phi_k: Any, value: Any) -> None:
+def check_qkv(q: Any, k: Any, value: Any, names: tuple = ("phi_q", "phi_k", "value")) -> None:
     """Validate (B, T, H, D), (B, S, H, D), (B, S, H, M) inputs."""
+    nq, nk, nv = names
     for name, x, layout in (
-        ("phi_q", phi_q, "(batch, target_len, heads, feature_dim)"),
-        ("phi_k", phi_k, "(batch, source_len, heads, feature_dim)"),
-        ("value", value, "(batch, source_len, heads, value_dim)"),
+        (nq, q, "(batch, target_len, heads, feature_dim)"),
+        (nk, k, "(batch, source_len, heads, feature_dim)"),
+        (nv, value, "(batch, source_len, heads, value_dim)"),
     ):
         _checks.check_float(name, x)
         _checks.check_rank(name, x, 4, layout)
         _checks.check_nonempty(name, x)
-    _checks.check_dim("phi_k length", phi_k.shape[1], "value length", value.shape[1])
-    _checks.check_dim("phi_q heads", phi_q.shape[2], "phi_k heads", phi_k.shape[2])
-    _checks.check_dim("phi_k heads", phi_k.shape[2], "value heads", value.shape[2])
-    _checks.check_dim("phi_q feature dim", phi_q.shape[3], "phi_k feature dim", phi_k.shape[3])
+    _checks.check_dim(f"{nk} length", k.shape[1], f"{nv} length", value.shape[1])
+    _checks.check_dim(f"{nq} heads", q.shape[2], f"{nk} heads", k.shape[2])
+    _checks.check_dim(f"{nk} heads", k.shape[2], f"{nv} heads", value.shape[2])
+    _checks.check_dim(f"{nq} feature dim", q.shape[3], f"{nk} feature dim", k.shape[3])
 
 
 def nonempty_factor(x: Any, name: str) -> Any:
@@ -61,14 +62,18 @@ def mask_keys(phi_k: Any, value: Any, key_mask: Any) -> tuple:
     """
     if key_mask is None:
         return phi_k, value
+    check_key_mask(key_mask, phi_k.shape[1])
+    keep = ops.expand_dims(ops.cast(key_mask, "bool"), (2, 3))
+    return ops.where(keep, phi_k, 0), None if value is None else ops.where(keep, value, 0)
+
+
+def check_key_mask(key_mask: Any, length: Any, keys: str = "phi_k") -> None:
     if len(key_mask.shape) != 2:
         raise ValueError(
             "`key_mask` must have shape (batch, source_len); received shape "
             f"{tuple(key_mask.shape)}."
         )
-    _checks.check_dim("key_mask length", key_mask.shape[1], "phi_k length", phi_k.shape[1])
-    keep = ops.expand_dims(ops.cast(key_mask, "bool"), (2, 3))
-    return ops.where(keep, phi_k, 0), None if value is None else ops.where(keep, value, 0)
+    _checks.check_dim("key_mask length", key_mask.shape[1], f"{keys} length", length)
 
 
 def normalize(numerator: Any, denominator: Any, eps: float) -> Any:

@@ -2,60 +2,24 @@
 
 Within a chunk of C tokens the masked C×C kernel product is used; across
 chunks only the per-chunk states `φ(K_c)ᵀ V_c` are prefix-summed. Memory is
-O(N·C + (N/C)·D·M): no (N, D, M) per-token state tensor is ever built, in
-the forward pass or (through autodiff of these ops) in the backward pass.
+O(N·C + (N/C)·D·M): no (N, D, M) per-token state tensor is ever built, in the
+forward pass or in the hand-written backward pass (`_chunked.py`).
+
+This module checks arguments and lays tensors out in chunks; the math and its
+gradient live in `_chunked.py`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from keras import ops
 
 from keras_linear_attention import _checks
-from keras_linear_attention.ops import _common
+from keras_linear_attention.ops import _chunked, _common
 
 DEFAULT_CHUNK_SIZE = 64
-
-
-# Chunk states are prefix-summed in blocks of this many chunks with one small
-# triangular matmul each; only the block totals go through `ops.cumsum`. TF's
-# cumsum streams slowly on CPU and XLA's grows superlinearly with the scanned
-# length (NOTES.md section 2), so the scanned axis stays N / (C * 16) long.
-PREFIX_BLOCK = 16
-
-
-def _heads_first_chunks(x: Any, chunk: int) -> Any:
-    """(B, N, H, F) -> (B*H*n, C, F): zero-pad N to n*C, group by head.
-
-    Batched matmuls over these rank-3 tensors need no further transposes,
-    forward or backward (TFLite's BATCH_MATMUL also takes them as is).
-    """
-    n = ops.shape(x)[1]
-    x = ops.pad(x, [[0, 0], [0, (-n) % chunk], [0, 0], [0, 0]])
-    x = ops.reshape(x, (ops.shape(x)[0], -1, chunk, x.shape[2], x.shape[3]))
-    return ops.reshape(ops.transpose(x, (0, 3, 1, 2, 4)), (-1, chunk, x.shape[4]))
-
-
-def _strict_tril(size: int, dtype: str) -> Any:
-    return ops.cast(ops.tril(ops.ones((size, size)), -1), dtype)
-
-
-def exclusive_prefix_sum(x: Any) -> Any:
-    """Sum of `x[:, j]` over j < i along axis 1 of a `(G, n, F)` tensor.
-
-    Blocks of `PREFIX_BLOCK` rows are summed with a strictly lower-triangular
-    matmul; block totals are prefix-summed with `ops.cumsum` over n / 16.
-    """
-    n, feat = ops.shape(x)[1], x.shape[2]
-    x = ops.pad(x, [[0, 0], [0, (-n) % PREFIX_BLOCK], [0, 0]])
-    blocks = ops.reshape(x, (-1, PREFIX_BLOCK, feat))
-    within = ops.matmul(_strict_tril(PREFIX_BLOCK, x.dtype), blocks)
-    totals = ops.reshape(ops.sum(blocks, axis=1), (ops.shape(x)[0], -1, feat))
-    offsets = ops.cumsum(totals, axis=1) - totals
-    out = ops.reshape(within, (ops.shape(x)[0], -1, PREFIX_BLOCK, feat))
-    out = ops.reshape(out + ops.expand_dims(offsets, 2), (ops.shape(x)[0], -1, feat))
-    return out[:, :n]
 
 
 def causal_linear_attention(
@@ -105,59 +69,79 @@ def causal_linear_attention(
     _common.check_qkv(phi_q, phi_k, value)
     _checks.check_dim("phi_q length", phi_q.shape[1], "phi_k length", phi_k.shape[1])
     _checks.check_positive_int("chunk_size", chunk_size)
-    out_dtype = value.dtype
-    factor = _common.nonempty_factor(phi_k, "phi_k")
-    acc = _common.accumulation_dtype(phi_q, phi_k, value)
-    phi_q, phi_k, value = _common.cast_all(acc, phi_q, phi_k, value)
-    phi_k, value = _common.mask_keys(phi_k, value, key_mask)
-    kv0, k_sum0 = check_state(initial_state, phi_k, value, acc)
+    return _chunkwise(
+        phi_q, phi_k, value, None, key_mask, initial_state, chunk_size, eps, return_state
+    )
 
-    length, heads = phi_q.shape[1], phi_q.shape[2]
+
+def causal_attention_of_projections(
+    query: Any,
+    key: Any,
+    value: Any,
+    feature_map: Callable,
+    key_mask: Any = None,
+    initial_state: tuple | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    eps: float = _common.DEFAULT_EPS,
+    return_state: bool = False,
+) -> Any:
+    """`causal_linear_attention(φ(query), φ(key), value, ...)`, with φ applied
+    to the chunked tensors.
+
+    For a φ that acts on the last axis alone (the built-in maps). The
+    tensors φ keeps for its gradient are then the chunks the attention
+    needs, not a second, unchunked copy: the attention layers use this.
+    """
+    _common.check_qkv(query, key, value, names=("query", "key", "value"))
+    _checks.check_dim("query length", query.shape[1], "key length", key.shape[1])
+    return _chunkwise(
+        query, key, value, feature_map, key_mask, initial_state, chunk_size, eps, return_state
+    )
+
+
+def _chunkwise(q, k, value, feature_map, key_mask, initial_state, chunk_size, eps, return_state):
+    length = q.shape[1]
     chunk = min(chunk_size, length) if length is not None else chunk_size
-    q, k, v = (_heads_first_chunks(t, chunk) for t in (phi_q, phi_k, value))
-    feat, vdim = q.shape[2], v.shape[2]
-
-    # Inside each chunk: the masked C×C kernel matrix.
-    scores = ops.matmul(q, ops.swapaxes(k, 1, 2)) * ops.tril(ops.ones((chunk, chunk), acc))
-    numerator = ops.matmul(scores, v)
-    denominator = ops.sum(scores, axis=-1)
-
-    # Across chunks: the states of all earlier chunks, plus the initial state.
-    kv_chunk = ops.matmul(ops.swapaxes(k, 1, 2), v)
-    k_sum_chunk = ops.sum(k, axis=1)
-    batch_heads = ops.shape(phi_q)[0] * heads
-    kv_prefix = exclusive_prefix_sum(ops.reshape(kv_chunk, (batch_heads, -1, feat * vdim)))
-    k_sum_prefix = exclusive_prefix_sum(ops.reshape(k_sum_chunk, (batch_heads, -1, feat)))
-    if kv0 is not None:
-        kv_prefix = kv_prefix + ops.reshape(kv0, (-1, 1, feat * vdim))
-        k_sum_prefix = k_sum_prefix + ops.reshape(k_sum0, (-1, 1, feat))
-    numerator = numerator + ops.matmul(q, ops.reshape(kv_prefix, (-1, feat, vdim)))
-    # A product and sum, not an einsum: TFLite has no builtin for this contraction.
-    k_sum_prefix = ops.reshape(k_sum_prefix, (-1, 1, feat))
-    denominator = denominator + ops.sum(q * k_sum_prefix, axis=-1)
-
-    out = _common.normalize(numerator, ops.expand_dims(denominator, -1), eps)
-    out = _common.guard(out, factor)
-    out = ops.reshape(out, (ops.shape(phi_q)[0], heads, -1, chunk, vdim))
-    out = ops.reshape(ops.transpose(out, (0, 2, 3, 1, 4)), (ops.shape(phi_q)[0], -1, heads, vdim))
-    out = ops.cast(out[:, : ops.shape(phi_q)[1]], out_dtype)
-    if not return_state:
-        return out
-    return out, _final_state(kv_prefix, kv_chunk, k_sum_prefix, k_sum_chunk, phi_q, value)
+    shape = (ops.shape(q)[0], ops.shape(q)[1], q.shape[2])
+    keys = "phi_k" if feature_map is None else "key"
+    factor = _common.nonempty_factor(k, keys)
+    if key_mask is not None:
+        _common.check_key_mask(key_mask, length, keys)
+    q, k, v = (_chunked.to_chunks(t, chunk) for t in (q, k, value))
+    if feature_map is not None:
+        q, k = feature_map(q), feature_map(k)
+    acc = _common.accumulation_dtype(q, k, v)
+    q, k, v = _common.cast_all(acc, q, k, v)
+    pads = feature_map is not None and (length is None or length % chunk != 0)
+    k, v = _mask_chunked_keys(k, v, key_mask, shape, chunk, pads)
+    dims = (shape[0], shape[2], k.shape[2], v.shape[2])
+    kv0, k_sum0 = check_state(initial_state, dims, acc)
+    out, kv, k_sum = _chunked.chunked_causal_attention(q, k, v, kv0, k_sum0, shape, eps)
+    out = ops.cast(_common.guard(out, factor), value.dtype)
+    return (out, (kv, k_sum)) if return_state else out
 
 
-def _final_state(kv_prefix, kv_chunk, k_sum_prefix, k_sum_chunk, phi_q, value) -> tuple:
-    """State after the last chunk: its prefix plus its own contribution."""
-    batch, heads, feat, vdim = ops.shape(phi_q)[0], phi_q.shape[2], phi_q.shape[3], value.shape[3]
-    kv_chunk = ops.reshape(kv_chunk, ops.shape(kv_prefix))
-    kv = kv_prefix[:, -1] + kv_chunk[:, -1]
-    k_sum_prefix = ops.reshape(k_sum_prefix, (batch * heads, -1, feat))
-    k_sum = k_sum_prefix[:, -1] + ops.reshape(k_sum_chunk, ops.shape(k_sum_prefix))[:, -1]
-    return ops.reshape(kv, (batch, heads, feat, vdim)), ops.reshape(k_sum, (batch, heads, feat))
+def _mask_chunked_keys(k, v, key_mask, shape, chunk, pads):
+    """Remove padded keys from the chunked keys and values.
+
+    Chunking pads N to a multiple of C with zeros, which add nothing when φ
+    came first; φ applied to the chunks maps them to φ(0) (1 for elu+1), so
+    then (`pads`) the chunk padding is masked like any padded key.
+    """
+    batch, length, heads = shape
+    if key_mask is None and not pads:
+        return k, v
+    keep = ops.ones((batch, length), "bool") if key_mask is None else key_mask
+    keep = ops.broadcast_to(
+        ops.reshape(ops.cast(keep, "bool"), (batch, length, 1, 1)), (batch, length, heads, 1)
+    )
+    keep = ops.cast(_chunked.to_chunks(ops.cast(keep, k.dtype), chunk), "bool")
+    return ops.where(keep, k, 0), ops.where(keep, v, 0)
 
 
-def check_state(state: tuple | None, phi_k: Any, value: Any, acc: str) -> tuple:
-    """Validate an `(kv, k_sum)` state against the keys and values."""
+def check_state(state: tuple | None, dims: tuple, acc: str) -> tuple:
+    """Validate an `(kv, k_sum)` state against `dims = (batch, heads,
+    feature_dim, value_dim)` of the keys and values it continues."""
     if state is None:
         return None, None
     if not isinstance(state, (tuple, list)) or len(state) != 2:
@@ -167,9 +151,7 @@ def check_state(state: tuple | None, phi_k: Any, value: Any, acc: str) -> tuple:
             f"feature_dim); received {type(state).__name__}."
         )
     kv, k_sum = (ops.convert_to_tensor(s) for s in state)
-    heads, feat, vdim = phi_k.shape[2], phi_k.shape[3], value.shape[3]
-    expected_kv = (phi_k.shape[0], heads, feat, vdim)
-    expected_sum = (phi_k.shape[0], heads, feat)
+    expected_kv, expected_sum = tuple(dims), tuple(dims[:3])
     for name, s, expected in (
         ("initial_state[0] (kv)", kv, expected_kv),
         ("initial_state[1] (k_sum)", k_sum, expected_sum),

@@ -48,12 +48,45 @@ def linear_attention(
     acc = _common.accumulation_dtype(phi_q, phi_k, value)
     phi_q, phi_k, value = _common.cast_all(acc, phi_q, phi_k, value)
     phi_k, value = _common.mask_keys(phi_k, value, key_mask)
-    # Heads first, so every contraction is a plain batched matmul whose
-    # backward needs no transposes either.
-    q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (phi_q, phi_k, value))
-    kv = ops.matmul(ops.swapaxes(k, 2, 3), v)
-    k_sum = ops.sum(k, axis=2, keepdims=True)
-    numerator = ops.matmul(q, kv)
-    denominator = ops.matmul(q, ops.swapaxes(k_sum, 2, 3))
-    out = ops.transpose(_common.normalize(numerator, denominator, eps), (0, 2, 1, 3))
+    out = _global_attention(phi_q, phi_k, value, eps)
     return ops.cast(_common.guard(out, factor), out_dtype)
+
+
+def _heads_first(x: Any) -> Any:
+    return ops.transpose(x, (0, 2, 1, 3))
+
+
+def _global_attention(q: Any, k: Any, v: Any, eps: float) -> Any:
+    """`(B, T, H, D), (B, S, H, D), (B, S, H, M) -> (B, T, H, M)`, with a
+    hand-written gradient that keeps only the inputs (which the feature map
+    keeps anyway), the `(D, M)` state and the normaliser: no heads-first
+    copies of q, k, v and no broadcast division gradient."""
+
+    @ops.custom_gradient
+    def attend(q, k, v):
+        # Heads first, so every contraction is a plain batched matmul.
+        qh, kh, vh = (_heads_first(t) for t in (q, k, v))
+        kv = ops.matmul(ops.swapaxes(kh, 2, 3), vh)
+        k_sum = ops.sum(kh, axis=2, keepdims=True)
+        denominator = ops.matmul(qh, ops.swapaxes(k_sum, 2, 3)) + eps
+        zero = ops.equal(denominator, 0)
+        denominator = ops.where(zero, ops.ones_like(denominator), denominator)
+        out = _heads_first(ops.matmul(qh, kv) / denominator)
+
+        def grad(*args, upstream=None):
+            g_out = args[0] if upstream is None else upstream  # TF / JAX
+            # d out / d denominator = -out / denominator, summed over values.
+            g_den = _heads_first(ops.sum(g_out * out, axis=-1, keepdims=True)) / denominator
+            g_den = ops.where(zero, ops.zeros_like(g_den), -g_den)
+            g_num = _heads_first(g_out) / denominator
+            qh, kh, vh = (_heads_first(t) for t in (q, k, v))
+            g_kv = ops.matmul(ops.swapaxes(qh, 2, 3), g_num)
+            g_k_sum = ops.sum(qh * g_den, axis=2, keepdims=True)
+            g_q = ops.matmul(g_num, ops.swapaxes(kv, 2, 3)) + g_den * k_sum
+            g_k = ops.matmul(vh, ops.swapaxes(g_kv, 2, 3)) + g_k_sum
+            g_v = ops.matmul(kh, g_kv)
+            return tuple(_heads_first(g) for g in (g_q, g_k, g_v))
+
+        return out, grad
+
+    return attend(q, k, v)

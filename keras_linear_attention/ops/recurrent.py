@@ -58,7 +58,9 @@ def linear_attention_step(
     out_dtype = value.dtype
     acc = _common.accumulation_dtype(phi_q, phi_k, value)
     phi_q, phi_k, value = _common.cast_all(acc, phi_q, phi_k, value)
-    kv, k_sum = check_state(state, ops.expand_dims(phi_k, 1), ops.expand_dims(value, 1), acc)
+    kv, k_sum = check_state(
+        state, (phi_k.shape[0], phi_k.shape[1], phi_k.shape[2], value.shape[2]), acc
+    )
     kv = kv + ops.einsum("bhd,bhm->bhdm", phi_k, value)
     k_sum = k_sum + phi_k
     numerator = ops.einsum("bhd,bhdm->bhm", phi_q, kv)
@@ -92,7 +94,9 @@ def recurrent_linear_attention(
     if initial_state is None:
         b, h, d, m = ops.shape(phi_k)[0], phi_k.shape[2], phi_k.shape[3], value.shape[3]
         initial_state = (ops.zeros((b, h, d, m), acc), ops.zeros((b, h, d), acc))
-    state = check_state(initial_state, phi_k, value, acc)
+    state = check_state(
+        initial_state, (phi_k.shape[0], phi_k.shape[2], phi_k.shape[3], value.shape[3]), acc
+    )
 
     def step(carry, inputs):
         out, carry = linear_attention_step(*inputs, carry, eps=eps)

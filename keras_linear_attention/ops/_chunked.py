@@ -1,0 +1,183 @@
+"""The chunkwise causal algorithm, with a hand-written gradient.
+
+Inside, tensors are grouped by sequence (G = batch × heads) and chunk (n
+chunks of C tokens), flattened to `(G*n, C, F)`. Per chunk c:
+
+    A_c   = tril(q_c k_cᵀ)                       (C×C, inside the chunk)
+    P_c   = S_0 + Σ_{c'<c} k_c'ᵀ v_c'             (D×M, earlier chunks)
+    Z_c   = z_0 + Σ_{c'<c} Σ_j k_c'j              (D)
+    out_c = (A_c v_c + q_c P_c) / (A_c 1 + q_c Z_c + eps)
+
+The backward pass is written out (paper eqs. 13-15, chunked). Gradients of
+the prefixes are suffix sums over chunks, the mirror image of the forward
+pass. Besides its inputs it keeps only the prefixes, the normaliser and the
+output, and recomputes A_c, instead of autodiff's copy of every intermediate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from keras import ops
+
+# Chunk states are prefix-summed in blocks of this many chunks with one small
+# triangular matmul each; only the block totals go through `ops.cumsum`. TF's
+# cumsum streams slowly on CPU and XLA's grows superlinearly with the scanned
+# length (NOTES.md section 2), so the scanned axis stays N / (C * 16) long.
+PREFIX_BLOCK = 16
+
+
+def _blocked_exclusive_sum(x: Any, offset: Any, reverse: bool) -> Any:
+    """Exclusive prefix (or, reversed, suffix) sum along axis 1 of `(G, n, F)`,
+    plus an optional `(G, F)` offset, added to the small block totals only."""
+    n, feat = ops.shape(x)[1], x.shape[2]
+    x = ops.pad(x, [[0, 0], [0, (-n) % PREFIX_BLOCK], [0, 0]])
+    groups = ops.shape(x)[0]
+    blocks = ops.reshape(x, (-1, PREFIX_BLOCK, feat))
+    strict = ops.tril(ops.ones((PREFIX_BLOCK, PREFIX_BLOCK), x.dtype), -1)
+    within = ops.matmul(ops.transpose(strict) if reverse else strict, blocks)
+    totals = ops.reshape(ops.sum(blocks, axis=1), (groups, -1, feat))
+    inclusive = ops.cumsum(totals, axis=1)
+    if reverse:
+        offsets = ops.sum(totals, axis=1, keepdims=True) - inclusive
+    else:
+        offsets = inclusive - totals
+    if offset is not None:
+        offsets = offsets + ops.expand_dims(offset, 1)
+    out = ops.reshape(within, (groups, -1, PREFIX_BLOCK, feat)) + ops.expand_dims(offsets, 2)
+    return ops.reshape(out, (groups, -1, feat))[:, :n]
+
+
+def exclusive_prefix_sum(x: Any, initial: Any = None) -> Any:
+    """`initial + Σ_{j<i} x[:, j]` along axis 1 of a `(G, n, F)` tensor."""
+    return _blocked_exclusive_sum(x, initial, reverse=False)
+
+
+def exclusive_suffix_sum(x: Any, final: Any = None) -> Any:
+    """`final + Σ_{j>i} x[:, j]` along axis 1 of a `(G, n, F)` tensor."""
+    return _blocked_exclusive_sum(x, final, reverse=True)
+
+
+def _chunk_prefix(per_chunk: Any, groups: Any, initial: Any) -> tuple:
+    """Per chunk, `initial` plus the sum over earlier chunks of `(G*n, ...)`
+    values; and the total after the last chunk, flat `(G, F)`."""
+    inner = per_chunk.shape[1:]
+    flat = ops.reshape(per_chunk, (groups, -1, math.prod(inner)))
+    prefix = exclusive_prefix_sum(flat, initial)
+    return ops.reshape(prefix, (-1, *inner)), prefix[:, -1] + flat[:, -1]
+
+
+def _chunk_suffix(per_chunk: Any, groups: Any, final: Any) -> tuple:
+    """Gradient of `_chunk_prefix`: per chunk, `final` (the upstream gradient
+    of the last total) plus the sum over later chunks; and the gradient of
+    `initial`, flat `(G, F)`: `final` plus the sum over all chunks."""
+    inner = per_chunk.shape[1:]
+    flat = ops.reshape(per_chunk, (groups, -1, math.prod(inner)))
+    suffix = exclusive_suffix_sum(flat, final)
+    return ops.reshape(suffix, (-1, *inner)), suffix[:, 0] + flat[:, 0]
+
+
+def to_chunks(x: Any, chunk: int) -> Any:
+    """(B, N, H, F) -> (B*H*n, C, F): zero-pad N to n*C, group by head.
+
+    Rank-3 batched matmuls over these need no further transposes (TFLite's
+    BATCH_MATMUL also takes them as they are).
+    """
+    n = ops.shape(x)[1]
+    x = ops.pad(x, [[0, 0], [0, (-n) % chunk], [0, 0], [0, 0]])
+    x = ops.reshape(x, (ops.shape(x)[0], -1, chunk, x.shape[2], x.shape[3]))
+    return ops.reshape(ops.transpose(x, (0, 3, 1, 2, 4)), (-1, chunk, x.shape[4]))
+
+
+def from_chunks(x: Any, batch: Any, length: Any, heads: int) -> Any:
+    """Inverse of `to_chunks`: `(B*H*n, C, F)` -> `(B, length, H, F)`."""
+    x = ops.reshape(x, (batch, heads, -1, x.shape[1], x.shape[2]))
+    x = ops.transpose(x, (0, 2, 3, 1, 4))
+    return ops.reshape(x, (batch, -1, heads, x.shape[4]))[:, :length]
+
+
+def _flat_or_none(state: Any, groups: Any) -> Any:
+    return None if state is None else ops.reshape(state, (groups, -1))
+
+
+def chunked_causal_attention(
+    q: Any, k: Any, v: Any, kv0: Any, z0: Any, shape: tuple, eps: float
+) -> tuple:
+    """Causal linear attention over chunks, with a hand-written gradient.
+
+    Args:
+        q, k: `(B*H*n, C, D)` feature-mapped, chunked queries and keys (keys
+            masked), as `to_chunks` makes them.
+        v: `(B*H*n, C, M)` chunked values.
+        kv0, z0: Initial state, `(B, H, D, M)` and `(B, H, D)`, or both None.
+        shape: `(B, N, H)` of the unchunked sequence (N ≤ n*C; the padding
+            is dropped from the output).
+        eps: Added to the normaliser; a normaliser of exactly 0 becomes 1
+            (its numerator is 0 too, so the output is 0, not NaN).
+
+    Returns:
+        `(out, kv, z)`: `(B, N, H, M)` outputs and the final state.
+
+    The output is returned in its final layout, so the copy kept for the
+    backward pass is the one the caller keeps anyway. The chunked inputs
+    are kept as they are: the attention layers apply φ to chunks, so φ's own
+    gradient keeps the very same tensors.
+    """
+    swap = lambda x: ops.swapaxes(x, 1, 2)  # noqa: E731
+    batch, length, heads = shape
+    chunk, feat, vdim = q.shape[1], q.shape[2], v.shape[2]
+    groups = batch * heads
+    tril = ops.tril(ops.ones((chunk, chunk), q.dtype))
+
+    @ops.custom_gradient
+    def attend(q, k, v, *state):
+        kv0, z0 = (_flat_or_none(s, groups) for s in state) if state else (None, None)
+        scores = ops.matmul(q, swap(k)) * tril
+        prefix, kv = _chunk_prefix(ops.matmul(swap(k), v), groups, kv0)
+        z_prefix, z = _chunk_prefix(ops.sum(k, axis=1), groups, z0)
+        z_prefix = ops.expand_dims(z_prefix, 1)
+        numerator = ops.matmul(scores, v) + ops.matmul(q, prefix)
+        denominator = ops.sum(scores, axis=-1, keepdims=True)
+        denominator = denominator + ops.sum(q * z_prefix, axis=-1, keepdims=True) + eps
+        zero = ops.equal(denominator, 0)
+        denominator = ops.where(zero, ops.ones_like(denominator), denominator)
+        out = from_chunks(numerator / denominator, batch, length, heads)
+        kv, z = ops.reshape(kv, (batch, heads, feat, vdim)), ops.reshape(z, (batch, heads, feat))
+
+        def grad(*args, upstream=None):
+            # TF passes one gradient per output; JAX passes one tuple.
+            upstream = args if upstream is None else upstream
+            if len(upstream) == 1:
+                upstream = upstream[0]
+            g_out, g_kv, g_z = (
+                ops.zeros_like(ref) if g is None else g
+                for g, ref in zip(upstream, (out, kv, z), strict=True)
+            )
+            # d out / d denominator = -out / denominator, summed over values
+            # in the (B, N, H, M) layout: only a (..., 1) tensor is chunked.
+            g_den = to_chunks(ops.sum(g_out * out, axis=-1, keepdims=True), chunk) / denominator
+            g_den = ops.where(zero, ops.zeros_like(g_den), -g_den)
+            g_num = to_chunks(g_out, chunk) / denominator
+            scores = ops.matmul(q, swap(k)) * tril  # recomputed: as large as q when C = D
+            g_scores = (ops.matmul(g_num, swap(v)) + g_den) * tril
+            g_prefix, g_kv0 = _chunk_suffix(
+                ops.matmul(swap(q), g_num), groups, ops.reshape(g_kv, (groups, -1))
+            )
+            g_z_prefix, g_z0 = _chunk_suffix(
+                ops.sum(q * g_den, axis=1), groups, ops.reshape(g_z, (groups, -1))
+            )
+            g_q = ops.matmul(g_scores, k) + ops.matmul(g_num, swap(prefix)) + g_den * z_prefix
+            g_k = ops.matmul(swap(g_scores), q) + ops.matmul(v, swap(g_prefix))
+            g_k = g_k + ops.expand_dims(g_z_prefix, 1)
+            g_v = ops.matmul(swap(scores), g_num) + ops.matmul(k, g_prefix)
+            if not state:
+                return g_q, g_k, g_v
+            g_state = (
+                ops.reshape(g, ops.shape(s)) for g, s in zip((g_kv0, g_z0), state, strict=True)
+            )
+            return (g_q, g_k, g_v, *g_state)
+
+        return (out, kv, z), grad
+
+    return attend(q, k, v) if kv0 is None else attend(q, k, v, kv0, z0)
