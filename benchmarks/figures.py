@@ -22,6 +22,7 @@ LABELS = {
     "linear": "LinearMHA",
     "causal_layer": "CausalLinearAttention",
     "projections": "projections alone (floor)",
+    "fast_transformers_causal": "fast-transformers, causal (PyTorch)",
     "softmax_causal": "softmax, causal (explicit N×N)",
     "causal": "linear, causal (chunked)",
     "noncausal": "linear, non-causal",
@@ -57,7 +58,8 @@ def figure1(report: dict, path: Path) -> None:
         for impl, label in LABELS.items():
             if impl in ("softmax_causal", "causal", "noncausal"):
                 continue
-            style = "--" if impl.startswith("keras") else ("-." if impl == "projections" else "-")
+            style = "--" if impl.startswith(("keras", "fast")) else "-"
+            style = "-." if impl == "projections" else style
             n, t = _series(report["results"], "layer", impl, jit, lambda r: r["fwdbwd"]["seconds"])
             axes[row, 0].plot(n, t, style, marker="o", label=label)
             n, m = _series(

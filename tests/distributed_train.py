@@ -7,8 +7,8 @@ test_distributed.py, one fresh process per run (devices are set at startup).
     TF_CONFIG=... python tests/distributed_train.py multiworker_loop OUT.json
 
 `multiworker` trains with `model.fit`; `multiworker_loop` with a custom loop
-around `strategy.run`, which works where Keras 3's `fit` does not
-(keras-team/keras#20585).
+around `strategy.run`, which works where Keras 3.15's `fit` does not (it
+fails before the first step, also for a plain Dense model).
 
 Writes the per-step losses and the final weights (as lists) to OUT.json.
 """

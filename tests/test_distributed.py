@@ -103,8 +103,9 @@ def test_multi_worker_mirrored_workers_agree_and_match_one_device(tmp_path):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="Keras 3's fit fails under MultiWorkerMirroredStrategy before the first "
-    "step (keras-team/keras#20585); strict, so a fixed Keras shows up here.",
+    reason="Keras 3.15's fit fails under MultiWorkerMirroredStrategy (TF 2.21) before the "
+    "first step with 'Attempt to convert a value (PerReplica...) ... to a Tensor', also "
+    "for a plain Dense model; strict, so a fixed Keras shows up here.",
 )
 def test_multi_worker_model_fit(tmp_path):
     _run_two_workers("multiworker", tmp_path)

@@ -139,6 +139,7 @@ def chunked_causal_attention(
         z_prefix = ops.expand_dims(z_prefix, 1)
         numerator = ops.matmul(scores, v) + ops.matmul(q, prefix)
         denominator = ops.sum(scores, axis=-1, keepdims=True)
+        # A product and sum, not an einsum: TFLite has no builtin for it.
         denominator = denominator + ops.sum(q * z_prefix, axis=-1, keepdims=True) + eps
         zero = ops.equal(denominator, 0)
         denominator = ops.where(zero, ops.ones_like(denominator), denominator)
