@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import keras
 from keras import ops
 
 # Chunk states are prefix-summed in blocks of this many chunks with one small
@@ -130,9 +131,8 @@ def chunked_causal_attention(
     groups = batch * heads
     tril = ops.tril(ops.ones((chunk, chunk), q.dtype))
 
-    @ops.custom_gradient
-    def attend(q, k, v, *state):
-        kv0, z0 = (_flat_or_none(s, groups) for s in state) if state else (None, None)
+    def forward(q, k, v, kv0, z0):
+        kv0, z0 = _flat_or_none(kv0, groups), _flat_or_none(z0, groups)
         scores = ops.matmul(q, swap(k)) * tril
         prefix, kv = _chunk_prefix(ops.matmul(swap(k), v), groups, kv0)
         z_prefix, z = _chunk_prefix(ops.sum(k, axis=1), groups, z0)
@@ -145,6 +145,18 @@ def chunked_causal_attention(
         denominator = ops.where(zero, ops.ones_like(denominator), denominator)
         out = from_chunks(numerator / denominator, batch, length, heads)
         kv, z = ops.reshape(kv, (batch, heads, feat, vdim)), ops.reshape(z, (batch, heads, feat))
+        return (out, kv, z), (prefix, z_prefix, denominator, zero)
+
+    if keras.backend.backend() == "torch":
+        # Keras's torch custom_gradient takes one output; this has three, so
+        # torch differentiates the forward ops itself (same math).
+        return forward(q, k, v, kv0, z0)[0]
+
+    @ops.custom_gradient
+    def attend(q, k, v, *state):
+        (out, kv, z), (prefix, z_prefix, denominator, zero) = forward(
+            q, k, v, *(state or (None,) * 2)
+        )
 
         def grad(*args, upstream=None):
             # TF passes one gradient per output; JAX passes one tuple.
