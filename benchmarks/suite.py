@@ -55,12 +55,12 @@ def configurations(
     """Every configuration, grouped so a failed softmax length skips longer ones."""
     configs = []
     for jit in jits:
-        impls = LAYER_IMPLS + ([] if jit else BASELINE_IMPLS)
-        for impl in impls:
-            configs += [{"kind": "layer", "impl": impl, "n": n, "jit": jit} for n in lengths]
-        for cfg in configs:
-            if cfg.get("impl") in ("linear_causal", "causal_layer") and cfg["n"] == max(lengths):
-                cfg["processes"] = memory_processes
+        for impl in LAYER_IMPLS + ([] if jit else BASELINE_IMPLS):
+            for n in lengths:
+                cfg = {"kind": "layer", "impl": impl, "n": n, "jit": jit}
+                if impl in ("linear_causal", "causal_layer") and n == max(lengths):
+                    cfg["processes"] = memory_processes
+                configs.append(cfg)
         for impl in CORE_IMPLS:
             configs += [{"kind": "core", "impl": impl, "n": n, "jit": jit} for n in lengths]
         for n in sweep_lengths:

@@ -22,6 +22,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from keras_linear_attention.ops import _common
+
 # Chunk states are prefix-summed in blocks of this many chunks with one small
 # triangular matmul each; only the block totals go through `ops.cumsum`. TF's
 # cumsum streams slowly on CPU and XLA's grows superlinearly with the scanned
@@ -138,11 +140,11 @@ def chunked_causal_attention(
         z_prefix, z = _chunk_prefix(ops.sum(k, axis=1), groups, z0)
         z_prefix = ops.expand_dims(z_prefix, 1)
         numerator = ops.matmul(scores, v) + ops.matmul(q, prefix)
-        denominator = ops.sum(scores, axis=-1, keepdims=True)
         # A product and sum, not an einsum: TFLite has no builtin for it.
-        denominator = denominator + ops.sum(q * z_prefix, axis=-1, keepdims=True) + eps
-        zero = ops.equal(denominator, 0)
-        denominator = ops.where(zero, ops.ones_like(denominator), denominator)
+        denominator, zero = _common.safe_denominator(
+            ops.sum(scores, axis=-1, keepdims=True) + ops.sum(q * z_prefix, axis=-1, keepdims=True),
+            eps,
+        )
         out = from_chunks(numerator / denominator, batch, length, heads)
         kv, z = ops.reshape(kv, (batch, heads, feat, vdim)), ops.reshape(z, (batch, heads, feat))
         return (out, kv, z), (prefix, z_prefix, denominator, zero)
@@ -167,10 +169,9 @@ def chunked_causal_attention(
                 ops.zeros_like(ref) if g is None else g
                 for g, ref in zip(upstream, (out, kv, z), strict=True)
             )
-            # d out / d denominator = -out / denominator, summed over values
-            # in the (B, N, H, M) layout: only a (..., 1) tensor is chunked.
-            g_den = to_chunks(ops.sum(g_out * out, axis=-1, keepdims=True), chunk) / denominator
-            g_den = ops.where(zero, ops.zeros_like(g_den), -g_den)
+            g_den = _common.denominator_gradient(
+                g_out, out, denominator, zero, lambda x: to_chunks(x, chunk)
+            )
             g_num = to_chunks(g_out, chunk) / denominator
             scores = ops.matmul(q, swap(k)) * tril  # recomputed: as large as q when C = D
             g_scores = (ops.matmul(g_num, swap(v)) + g_den) * tril

@@ -84,9 +84,27 @@ def normalize(numerator: Any, denominator: Any, eps: float) -> Any:
     `eps=0`, denominator 0: the documented fallback output is 0, not NaN.
     `denominator` has a trailing axis of 1 and broadcasts over values.
     """
+    denominator, _ = safe_denominator(denominator, eps)
+    return numerator / denominator
+
+
+def safe_denominator(denominator: Any, eps: float) -> tuple:
+    """`denominator + eps`, with an exact 0 replaced by 1 (see `normalize`);
+    also the mask of those zeros, which hand-written gradients need."""
     denominator = denominator + eps
     zero = ops.equal(denominator, 0)
-    return numerator / ops.where(zero, ops.ones_like(denominator), denominator)
+    return ops.where(zero, ops.ones_like(denominator), denominator), zero
+
+
+def denominator_gradient(g_out: Any, out: Any, denominator: Any, zero: Any, layout) -> Any:
+    """Gradient of `out = numerator / denominator` with respect to the
+    denominator: `-Σ_values g_out·out / denominator`, 0 where it was replaced.
+
+    The sum runs in `out`'s layout, so only its `(..., 1)` result goes
+    through `layout` into the denominator's layout.
+    """
+    g_den = layout(ops.sum(g_out * out, axis=-1, keepdims=True)) / denominator
+    return ops.where(zero, ops.zeros_like(g_den), -g_den)
 
 
 def cast_all(dtype: str, *tensors: Any) -> list:

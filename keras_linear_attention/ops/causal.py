@@ -65,10 +65,6 @@ def causal_linear_attention(
     >>> out.shape, kv.shape, k_sum.shape
     (TensorShape([1, 100, 2, 4]), TensorShape([1, 2, 8, 4]), TensorShape([1, 2, 8]))
     """
-    phi_q, phi_k, value = (ops.convert_to_tensor(t) for t in (phi_q, phi_k, value))
-    _common.check_qkv(phi_q, phi_k, value)
-    _checks.check_dim("phi_q length", phi_q.shape[1], "phi_k length", phi_k.shape[1])
-    _checks.check_positive_int("chunk_size", chunk_size)
     return _chunkwise(
         phi_q, phi_k, value, None, key_mask, initial_state, chunk_size, eps, return_state
     )
@@ -92,21 +88,24 @@ def causal_attention_of_projections(
     tensors φ keeps for its gradient are then the chunks the attention
     needs, not a second, unchunked copy: the attention layers use this.
     """
-    _common.check_qkv(query, key, value, names=("query", "key", "value"))
-    _checks.check_dim("query length", query.shape[1], "key length", key.shape[1])
     return _chunkwise(
         query, key, value, feature_map, key_mask, initial_state, chunk_size, eps, return_state
     )
 
 
 def _chunkwise(q, k, value, feature_map, key_mask, initial_state, chunk_size, eps, return_state):
+    """Checks, then the chunked algorithm; φ (if given) applied to the chunks."""
+    q, k, value = (ops.convert_to_tensor(t) for t in (q, k, value))
+    names = ("phi_q", "phi_k", "value") if feature_map is None else ("query", "key", "value")
+    _common.check_qkv(q, k, value, names=names)
+    _checks.check_dim(f"{names[0]} length", q.shape[1], f"{names[1]} length", k.shape[1])
+    _checks.check_positive_int("chunk_size", chunk_size)
     length = q.shape[1]
     chunk = min(chunk_size, length) if length is not None else chunk_size
     shape = (ops.shape(q)[0], ops.shape(q)[1], q.shape[2])
-    keys = "phi_k" if feature_map is None else "key"
-    factor = _common.nonempty_factor(k, keys)
+    factor = _common.nonempty_factor(k, names[1])
     if key_mask is not None:
-        _common.check_key_mask(key_mask, length, keys)
+        _common.check_key_mask(key_mask, length, names[1])
     q, k, v = (_chunked.to_chunks(t, chunk) for t in (q, k, value))
     if feature_map is not None:
         q, k = feature_map(q), feature_map(k)

@@ -68,16 +68,12 @@ def _global_attention(q: Any, k: Any, v: Any, eps: float) -> Any:
         qh, kh, vh = (_heads_first(t) for t in (q, k, v))
         kv = ops.matmul(ops.swapaxes(kh, 2, 3), vh)
         k_sum = ops.sum(kh, axis=2, keepdims=True)
-        denominator = ops.matmul(qh, ops.swapaxes(k_sum, 2, 3)) + eps
-        zero = ops.equal(denominator, 0)
-        denominator = ops.where(zero, ops.ones_like(denominator), denominator)
+        denominator, zero = _common.safe_denominator(ops.matmul(qh, ops.swapaxes(k_sum, 2, 3)), eps)
         out = _heads_first(ops.matmul(qh, kv) / denominator)
 
         def grad(*args, upstream=None):
             g_out = args[0] if upstream is None else upstream  # TF / JAX
-            # d out / d denominator = -out / denominator, summed over values.
-            g_den = _heads_first(ops.sum(g_out * out, axis=-1, keepdims=True)) / denominator
-            g_den = ops.where(zero, ops.zeros_like(g_den), -g_den)
+            g_den = _common.denominator_gradient(g_out, out, denominator, zero, _heads_first)
             g_num = _heads_first(g_out) / denominator
             qh, kh, vh = (_heads_first(t) for t in (q, k, v))
             g_kv = ops.matmul(ops.swapaxes(qh, 2, 3), g_num)
