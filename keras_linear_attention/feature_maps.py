@@ -15,6 +15,7 @@ import keras
 from keras import ops
 
 from keras_linear_attention import _checks
+from keras_linear_attention.ops import _common
 
 PACKAGE = "keras_linear_attention"
 
@@ -68,7 +69,10 @@ def elu_plus_one(x: Any) -> Any:
 
         def grad(*args, upstream=None):
             upstream = args[0] if upstream is None else upstream  # TF / JAX
-            return upstream * ops.minimum(phi, ops.cast(1.0, phi.dtype))
+            # `after`: else TF computes min(φ, 1) in the forward pass and
+            # keeps it, a second φ-sized tensor, until this gradient runs.
+            slope = ops.minimum(_common.after(phi, upstream), ops.cast(1.0, phi.dtype))
+            return upstream * slope
 
         return phi, grad
 

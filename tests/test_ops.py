@@ -249,7 +249,7 @@ def test_zero_feature_rows_give_zero_not_nan():
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("n", [1, 15, 16, 17, 300])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 300, 4100])
 def test_exclusive_prefix_sum_matches_numpy(rng, mode, n):
     x = rng.normal(size=(3, n, 5))
     fn = in_mode(kla.ops._chunked.exclusive_prefix_sum, mode)
@@ -258,7 +258,7 @@ def test_exclusive_prefix_sum_matches_numpy(rng, mode, n):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("n", [1, 15, 16, 17, 300])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 300, 4100])
 def test_exclusive_suffix_sum_and_offsets_match_numpy(rng, mode, n):
     x, offset = rng.normal(size=(3, n, 5)), rng.normal(size=(3, 5))
     suffix = in_mode(kla.ops._chunked.exclusive_suffix_sum, mode)

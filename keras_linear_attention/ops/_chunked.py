@@ -25,13 +25,15 @@ from keras import ops
 from keras_linear_attention.ops import _common
 
 # Chunk states are prefix-summed in blocks of this many chunks with one small
-# triangular matmul each; only the block totals go through `ops.cumsum`. TF's
-# cumsum streams slowly on CPU and XLA's grows superlinearly with the scanned
-# length (NOTES.md section 2), so the scanned axis stays N / (C * 16) long.
+# triangular matmul each, and the block totals the same way once more; only
+# the totals of those go through `ops.cumsum`. TF's cumsum streams slowly on
+# CPU (about 10 ns per element) and XLA's grows superlinearly with the scanned
+# length (NOTES.md section 2), so the scanned axis stays N / (C * 256) long.
 PREFIX_BLOCK = 16
+PREFIX_LEVELS = 2
 
 
-def _blocked_exclusive_sum(x: Any, offset: Any, reverse: bool) -> Any:
+def _blocked_exclusive_sum(x: Any, offset: Any, reverse: bool, levels: int = PREFIX_LEVELS) -> Any:
     """Exclusive prefix (or, reversed, suffix) sum along axis 1 of `(G, n, F)`,
     plus an optional `(G, F)` offset, added to the small block totals only."""
     n, feat = ops.shape(x)[1], x.shape[2]
@@ -41,11 +43,12 @@ def _blocked_exclusive_sum(x: Any, offset: Any, reverse: bool) -> Any:
     strict = ops.tril(ops.ones((PREFIX_BLOCK, PREFIX_BLOCK), x.dtype), -1)
     within = ops.matmul(ops.transpose(strict) if reverse else strict, blocks)
     totals = ops.reshape(ops.sum(blocks, axis=1), (groups, -1, feat))
-    inclusive = ops.cumsum(totals, axis=1)
-    if reverse:
-        offsets = ops.sum(totals, axis=1, keepdims=True) - inclusive
+    if levels > 1:
+        offsets = _blocked_exclusive_sum(totals, None, reverse, levels - 1)
+    elif reverse:
+        offsets = ops.sum(totals, axis=1, keepdims=True) - ops.cumsum(totals, axis=1)
     else:
-        offsets = inclusive - totals
+        offsets = ops.cumsum(totals, axis=1) - totals
     if offset is not None:
         offsets = offsets + ops.expand_dims(offset, 1)
     out = ops.reshape(within, (groups, -1, PREFIX_BLOCK, feat)) + ops.expand_dims(offsets, 2)
@@ -169,22 +172,33 @@ def chunked_causal_attention(
                 ops.zeros_like(ref) if g is None else g
                 for g, ref in zip(upstream, (out, kv, z), strict=True)
             )
+            # Each step starts after the previous one (`after`): at most
+            # a few (G*n, C, ·) temporaries are alive at once, and the
+            # recomputed scores are not moved into the forward pass.
+            g_out = _common.after(g_out, out)
             g_den = _common.denominator_gradient(
                 g_out, out, denominator, zero, lambda x: to_chunks(x, chunk)
             )
             g_num = to_chunks(g_out, chunk) / denominator
-            scores = ops.matmul(q, swap(k)) * tril  # recomputed: as large as q when C = D
-            g_scores = (ops.matmul(g_num, swap(v)) + g_den) * tril
             g_prefix, g_kv0 = _chunk_suffix(
                 ops.matmul(swap(q), g_num), groups, ops.reshape(g_kv, (groups, -1))
             )
             g_z_prefix, g_z0 = _chunk_suffix(
-                ops.sum(q * g_den, axis=1), groups, ops.reshape(g_z, (groups, -1))
+                ops.matmul(swap(q), g_den)[..., 0], groups, ops.reshape(g_z, (groups, -1))
             )
-            g_q = ops.matmul(g_scores, k) + ops.matmul(g_num, swap(prefix)) + g_den * z_prefix
-            g_k = ops.matmul(swap(g_scores), q) + ops.matmul(v, swap(g_prefix))
+            # Recomputed, transposed: as large as q when C = D.
+            scores_t = ops.matmul(_common.after(k, g_prefix), swap(q)) * ops.transpose(tril)
+            g_v = ops.matmul(scores_t, g_num) + ops.matmul(k, g_prefix)
+            g_scores = (ops.matmul(_common.after(g_num, g_v), swap(v)) + g_den) * tril
+            g_k = ops.matmul(swap(g_scores), q) + ops.matmul(
+                _common.after(v, g_scores), swap(g_prefix)
+            )
             g_k = g_k + ops.expand_dims(g_z_prefix, 1)
-            g_v = ops.matmul(swap(scores), g_num) + ops.matmul(k, g_prefix)
+            g_num, g_den, g_scores = (_common.after(g, g_k) for g in (g_num, g_den, g_scores))
+            g_q = ops.matmul(g_scores, k) + ops.matmul(g_num, swap(prefix)) + g_den * z_prefix
+            # Released together, so the layers' gradients downstream start
+            # once this function's temporaries are gone.
+            g_k, g_v = _common.after(g_k, g_q), _common.after(g_v, g_q)
             if not state:
                 return g_q, g_k, g_v
             g_state = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import keras
 from keras import ops
 
 from keras_linear_attention import _checks
@@ -105,6 +106,26 @@ def denominator_gradient(g_out: Any, out: Any, denominator: Any, zero: Any, layo
     """
     g_den = layout(ops.sum(g_out * out, axis=-1, keepdims=True)) / denominator
     return ops.where(zero, ops.zeros_like(g_den), -g_den)
+
+
+def after(x: Any, *deps: Any) -> Any:
+    """`x`, for ops that must not start before `deps` exist (TensorFlow).
+
+    TF's graph executor runs every op whose inputs are ready. In a gradient
+    function, anything computed from forward tensors alone (a recomputed
+    matrix, a transposed copy) is ready during the forward pass, so it runs
+    there and stays in memory until the backward pass uses it: recomputation
+    turns into storage. A control edge on the upstream gradient keeps such
+    ops where they are used, and a chain of them bounds how many backward
+    temporaries are alive at once. XLA and the other backends schedule for
+    memory themselves (or run eagerly): `x` unchanged.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return x
+    import tensorflow as tf
+
+    with tf.control_dependencies([d for d in deps if d is not None]):
+        return tf.identity(x)
 
 
 def cast_all(dtype: str, *tensors: Any) -> list:

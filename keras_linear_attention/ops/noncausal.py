@@ -58,28 +58,30 @@ def _heads_first(x: Any) -> Any:
 
 def _global_attention(q: Any, k: Any, v: Any, eps: float) -> Any:
     """`(B, T, H, D), (B, S, H, D), (B, S, H, M) -> (B, T, H, M)`, with a
-    hand-written gradient that keeps only the inputs (which the feature map
-    keeps anyway), the `(D, M)` state and the normaliser: no heads-first
-    copies of q, k, v and no broadcast division gradient."""
+    hand-written gradient: it reuses the forward pass's heads-first copies,
+    the `(D, M)` state and the normaliser, and needs no broadcast division
+    gradient or `(B, T, H, D)`-sized products besides its results."""
+    swap = lambda x: ops.swapaxes(x, 2, 3)  # noqa: E731
 
     @ops.custom_gradient
     def attend(q, k, v):
         # Heads first, so every contraction is a plain batched matmul.
         qh, kh, vh = (_heads_first(t) for t in (q, k, v))
-        kv = ops.matmul(ops.swapaxes(kh, 2, 3), vh)
+        kv = ops.matmul(swap(kh), vh)
         k_sum = ops.sum(kh, axis=2, keepdims=True)
-        denominator, zero = _common.safe_denominator(ops.matmul(qh, ops.swapaxes(k_sum, 2, 3)), eps)
+        denominator, zero = _common.safe_denominator(ops.matmul(qh, swap(k_sum)), eps)
         out = _heads_first(ops.matmul(qh, kv) / denominator)
 
         def grad(*args, upstream=None):
             g_out = args[0] if upstream is None else upstream  # TF / JAX
+            # `after`: starts once the output exists (see `_common.after`).
+            g_out = _common.after(g_out, out)
             g_den = _common.denominator_gradient(g_out, out, denominator, zero, _heads_first)
             g_num = _heads_first(g_out) / denominator
-            qh, kh, vh = (_heads_first(t) for t in (q, k, v))
-            g_kv = ops.matmul(ops.swapaxes(qh, 2, 3), g_num)
-            g_k_sum = ops.sum(qh * g_den, axis=2, keepdims=True)
-            g_q = ops.matmul(g_num, ops.swapaxes(kv, 2, 3)) + g_den * k_sum
-            g_k = ops.matmul(vh, ops.swapaxes(g_kv, 2, 3)) + g_k_sum
+            g_kv = ops.matmul(swap(qh), g_num)
+            g_k_sum = swap(ops.matmul(swap(qh), g_den))
+            g_q = ops.matmul(g_num, swap(kv)) + g_den * k_sum
+            g_k = ops.matmul(vh, swap(g_kv)) + g_k_sum
             g_v = ops.matmul(kh, g_kv)
             return tuple(_heads_first(g) for g in (g_q, g_k, g_v))
 
