@@ -136,9 +136,8 @@ def test_training_step_working_set_is_bounded(causal_mha):
     gradient op whose inputs are ready; before the backward passes were
     ordered (`ops._common.after`), recomputed scores and min(φ, 1) ran in
     the forward pass and stayed alive: 13-16 units here, 10.1-10.2 since."""
-    layer = kla.CausalLinearAttention(8, 64)
-    mha = kla.LinearMultiHeadAttention(8, 64)
-    call = (lambda x: mha(x, x, use_causal_mask=True)) if causal_mha else layer
+    layer = kla.LinearMultiHeadAttention(8, 64) if causal_mha else kla.CausalLinearAttention(8, 64)
+    call = (lambda x: layer(x, x, use_causal_mask=True)) if causal_mha else layer
     x = tf.random.normal((1, 8192, 512))
 
     @tf.function
@@ -146,8 +145,7 @@ def test_training_step_working_set_is_bounded(causal_mha):
         with tf.GradientTape() as tape:
             tape.watch(x)
             loss = tf.reduce_sum(call(x))
-        weights = (mha if causal_mha else layer).trainable_variables
-        return tape.gradient(loss, [x, *weights])
+        return tape.gradient(loss, [x, *layer.trainable_variables])
 
     step(x)
     tf.config.experimental.reset_memory_stats("CPU:0")
