@@ -17,6 +17,10 @@ Kinds:
   D=M=64); impls causal, noncausal, softmax_causal. Also measures a
   4096² float32 matmul in the same process as the FLOP-rate yardstick.
 - fit: `model.fit` steps of a small causal LM, with or without XLA.
+- pair: two or more layer impls (`"impls"`, the baseline first), forward+
+  backward, timed in alternation in this one process; the targets that are
+  ratios between two layers are read from these (machines are noisy, and
+  separate processes differ by up to 30% here).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from _process import HEADS, KEY_DIM, MODEL_DIM, main, peak_rss_mib  # noqa: E402
-from _timing import timed  # noqa: E402
+from _timing import interleaved, timed  # noqa: E402
 from keras import ops  # noqa: E402
 
 import keras_linear_attention as kla  # noqa: E402
@@ -188,12 +192,24 @@ def _measure_modes(cfg: dict, result: dict) -> None:
         result["matmul_gflops"] = _matmul_gflops()
 
 
+def _pair(cfg: dict, result: dict) -> None:
+    """Forward+backward of each of `cfg["impls"]`, interleaved (`interleaved`)."""
+    fns = {}
+    for impl in cfg["impls"]:
+        apply, variables, inputs = _layer({**cfg, "impl": impl})
+        fn = _grad_fn(apply, variables, cfg["jit"], backward=True)
+        fns[impl] = lambda fn=fn, inputs=inputs: tf.nest.map_structure(np.asarray, fn(*inputs))
+    result["fwdbwd"] = interleaved(fns, 2 * cfg.get("repeats", 3) + 1, 2 * cfg.get("budget_s", 20))
+
+
 def run(cfg: dict) -> dict:
     """Measure one configuration; running out of memory is a result, not a crash."""
     result = dict(cfg)
     try:
         if cfg["kind"] == "fit":
             result.update(_fit(cfg))
+        elif cfg["kind"] == "pair":
+            _pair(cfg, result)
         else:
             _measure_modes(cfg, result)
         result["status"] = "ok"

@@ -6,7 +6,7 @@ as "out of memory", and longer ones are then skipped. Writes `suite.json`
 (results + machine description), the figures and the target table
 (`figures.py`, `targets.py`) into `--out`.
 
-    python benchmarks/suite.py                  # full suite (about 50 min)
+    python benchmarks/suite.py                  # full suite (about 42 min)
     python benchmarks/suite.py --quick --jit off --out /tmp/bench   # 2 minutes
 """
 
@@ -38,6 +38,14 @@ LAYER_IMPLS = [
 BASELINE_IMPLS = ["fast_transformers_causal"]
 CORE_IMPLS = ["softmax_causal", "causal", "noncausal"]
 SWEEP_CHUNKS = [16, 32, 64, 128, 256]
+# The targets that are ratios of two layers are also timed in alternation in
+# one process (the baseline first): separate processes differ by up to 30%.
+PAIRS = [
+    (("keras_mha_causal", "linear_causal", "causal_layer"), 512),
+    (("linear", "linear_causal", "causal_layer"), 4096),
+    (("linear", "linear_causal", "causal_layer"), 16384),
+    (("projections", "linear"), 16384),
+]
 # Peak memory at the longest N depends on how TF's executor happens to
 # overlap the backward pass (measured spread about ±150 MiB), so the memory
 # target's configurations run in this many fresh processes.
@@ -68,6 +76,11 @@ def configurations(
                 {"kind": "core", "impl": "causal", "n": n, "jit": jit, "chunk": c, "sweep": True}
                 for c in chunks
             ]
+        pairs = {(impls, min(n, max(lengths))) for impls, n in PAIRS}
+        configs += [
+            {"kind": "pair", "impls": list(impls), "n": n, "jit": jit}
+            for impls, n in sorted(pairs, key=lambda p: (p[1], p[0]))
+        ]
         configs.append({"kind": "fit", "n": fit_length, "jit": jit})
     return configs
 
@@ -105,7 +118,8 @@ def run_one(cfg: dict, timeout: float) -> dict:
 
 
 def _series(cfg: dict) -> tuple:
-    return cfg["kind"], cfg.get("impl"), cfg["jit"], cfg.get("chunk"), cfg.get("sweep", False)
+    impl = cfg.get("impl") or tuple(cfg.get("impls", ()))
+    return cfg["kind"], impl, cfg["jit"], cfg.get("chunk"), cfg.get("sweep", False)
 
 
 def run_all(configs: list, common: dict, timeout: float) -> list:
@@ -126,11 +140,15 @@ def run_all(configs: list, common: dict, timeout: float) -> list:
 
 
 def _describe(r: dict) -> str:
-    name = f"{r['kind']:5s} {r.get('impl', 'lm'):16s} N={r['n']:>6} jit={int(r['jit'])}"
+    impl = "/".join(r["impls"]) if "impls" in r else r.get("impl", "lm")
+    name = f"{r['kind']:5s} {impl:16s} N={r['n']:>6} jit={int(r['jit'])}"
     if r.get("chunk"):
         name += f" C={r['chunk']}"
     if r["status"] != "ok":
         return f"{name}  {r['status']}"
+    if r["kind"] == "pair":
+        ratios = r["fwdbwd"]["ratio_to_first"]
+        return f"{name}  " + "  ".join(f"{k} {v:.3f}×" for k, v in list(ratios.items())[1:])
     times = "  ".join(f"{m} {r[m]['seconds'] * 1e3:9.1f} ms" for m in ("fwd", "fwdbwd") if m in r)
     if "seconds" in r:
         times = f"step {r['seconds'] * 1e3:9.1f} ms"

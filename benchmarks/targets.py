@@ -19,6 +19,7 @@ class Results:
 
     def __init__(self, report: dict):
         self.rows = [r for r in report["results"] if not r.get("sweep")]
+        self.pairs = [r for r in self.rows if r["kind"] == "pair" and r["status"] == "ok"]
 
     def find(self, kind: str, impl: str | None, n: int, jit: bool) -> dict | None:
         for r in self.rows:
@@ -34,6 +35,19 @@ class Results:
         ta, tb = self.seconds(a, n, jit), self.seconds(b, n_b or n, jit)
         return ta / tb if ta and tb else None
 
+    def paired(self, a: str, b: str, n: int, jit: bool) -> float | None:
+        """`a`'s time / `b`'s, timed in alternation in one process (a pair
+        run with `b` as its baseline)."""
+        for r in self.pairs:
+            if (r["impls"][0], r["n"], r["jit"]) == (b, n, jit) and a in r["impls"]:
+                return r["fwdbwd"]["ratio_to_first"][a]
+        return None
+
+    def both(self, a: str, b: str, n: int) -> tuple:
+        """(same-process no-XLA, XLA, separate-process no-XLA, XLA) ratios."""
+        jits = (False, True)
+        return (*(self.paired(a, b, n, j) for j in jits), *(self.ratio(a, b, n, j) for j in jits))
+
 
 def _fmt(value: float | None, unit: str = "×") -> str:
     return "not run" if value is None else f"{value:.2f}{unit}"
@@ -46,19 +60,24 @@ def _check(value: float | None, limit: float, at_most: bool) -> str:
 
 
 def rows(report: dict) -> list:
-    """(target, no-XLA value, XLA value, limit, at_most, unit) per target."""
+    """(target, no-XLA value, XLA value, limit, at_most, unit[, separate])
+    per target. Ratios of two layers are read from pair runs (one process,
+    alternating); `separate` then holds the same ratios from the layers'
+    own processes, for comparison."""
     res, out = Results(report), []
-    for n, limit, at_most in ((512, 1.0, True), (4096, 4.0, False), (8192, 8.0, False)):
+    for impl in ("linear_causal", "causal_layer"):
+        vals = res.both(impl, "keras_mha_causal", 512)
+        out.append((f"{impl} / Keras MHA causal, N=512", *vals[:2], 1.0, True, "×", vals[2:]))
+    for n, limit in ((4096, 4.0), (8192, 8.0)):
         for impl in ("linear_causal", "causal_layer"):
             name = f"Keras MHA causal / {impl}, N={n} (speed-up)"
             vals = [res.ratio("keras_mha_causal", impl, n, jit) for jit in (False, True)]
-            if n == 512:  # stated as "ours / Keras ≤ 1.0"
-                name = f"{impl} / Keras MHA causal, N={n}"
-                vals = [1 / v if v else None for v in vals]
-            out.append((name, *vals, limit, at_most, "×"))
+            out.append((name, *vals, limit, False, "×"))
     for n in (4096, 16384):
-        vals = [res.ratio("linear_causal", "linear", n, jit) for jit in (False, True)]
-        out.append((f"causal / non-causal layer, N={n}", *vals, 1.3, True, "×"))
+        for impl in ("linear_causal", "causal_layer"):
+            vals = res.both(impl, "linear", n)
+            name = f"{impl} / non-causal layer, N={n}"
+            out.append((name, *vals[:2], 1.3, True, "×", vals[2:]))
     for n, notes_ms in FAST_TRANSFORMERS_NOTES_MS.items():
         measured = _ms(res.seconds("fast_transformers_causal", n, False))
         ref, where = (measured, "same run") if measured else (notes_ms, "NOTES.md")
@@ -73,8 +92,9 @@ def rows(report: dict) -> list:
             vals = [_peak(res.find("layer", impl, 65536, jit), stat) for jit in (False, True)]
             name = f"{impl} peak process memory, N=65536 ({stat} of its processes)"
             out.append((name, *vals, 3072.0, True, " MiB"))
-    vals = [res.ratio("linear", "projections", 16384, jit) for jit in (False, True)]
-    out.append(("non-causal layer / its projections, N=16384", *vals, 1.25, True, "×"))
+    vals = res.both("linear", "projections", 16384)
+    name = "non-causal layer / its projections, N=16384"
+    out.append((name, *vals[:2], 1.25, True, "×", vals[2:]))
     vals = [_flop_share(res.find("core", "causal", 16384, jit)) for jit in (False, True)]
     out.append(("core causal fwd+bwd GFLOP/s / matmul GFLOP/s, N=16384", *vals, 0.40, False, ""))
     fit = [res.find("fit", None, _fit_n(report), jit) for jit in (False, True)]
@@ -104,14 +124,16 @@ def _fit_n(report: dict) -> int:
 
 def table(report: dict) -> str:
     lines = [
-        "| target | no XLA (default) | met | XLA | met | limit |",
-        "|---|---|---|---|---|---|",
+        "| target | no XLA (default) | met | XLA | met | limit "
+        "| separate processes (no XLA / XLA) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, plain, xla, limit, at_most, unit in rows(report):
+    for name, plain, xla, limit, at_most, unit, *separate in rows(report):
         bound = f"{'≤' if at_most else '≥'} {limit:g}{unit}"
+        apart = " / ".join(_fmt(v, unit) for v in separate[0]) if separate else ""
         lines.append(
             f"| {name} | {_fmt(plain, unit)} | {_check(plain, limit, at_most)} "
-            f"| {_fmt(xla, unit)} | {_check(xla, limit, at_most)} | {bound} |"
+            f"| {_fmt(xla, unit)} | {_check(xla, limit, at_most)} | {bound} | {apart} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -41,6 +41,12 @@ def test_benchmark_suite_smoke(tmp_path):
     assert {r["impl"] for r in baseline} == set(suite.BASELINE_IMPLS)
     for mode in ("fwd", "fwdbwd"):
         assert all(r[mode]["seconds"] > 0 and r[mode]["peak_rss_mib"] > 0 for r in layer)
+    pairs = [r for r in results if r["kind"] == "pair"]
+    assert {tuple(impls) for impls, _ in suite.PAIRS} == {tuple(r["impls"]) for r in pairs}
+    for r in pairs:
+        ratios = r["fwdbwd"]["ratio_to_first"]
+        assert ratios[r["impls"][0]] == 1.0 and all(v > 0 for v in ratios.values())
+        assert r["fwdbwd"]["rounds"] >= 3
     core = [r for r in results if r["kind"] == "core"]
     assert all(r["fwdbwd"]["gflops"] > 0 and r["matmul_gflops"] > 0 for r in core)
     assert json.loads((tmp_path / "suite.json").read_text())["machine"]["cores"] > 0

@@ -143,10 +143,9 @@ def chunked_causal_attention(
         z_prefix, z = _chunk_prefix(ops.sum(k, axis=1), groups, z0)
         z_prefix = ops.expand_dims(z_prefix, 1)
         numerator = ops.matmul(scores, v) + ops.matmul(q, prefix)
-        # A product and sum, not an einsum: TFLite has no builtin for it.
+        # q·z as a matmul: one read of q, no q-sized product.
         denominator, zero = _common.safe_denominator(
-            ops.sum(scores, axis=-1, keepdims=True) + ops.sum(q * z_prefix, axis=-1, keepdims=True),
-            eps,
+            ops.sum(scores, axis=-1, keepdims=True) + ops.matmul(q, swap(z_prefix)), eps
         )
         out = from_chunks(numerator / denominator, batch, length, heads)
         kv, z = ops.reshape(kv, (batch, heads, feat, vdim)), ops.reshape(z, (batch, heads, feat))
