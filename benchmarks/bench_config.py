@@ -40,8 +40,13 @@ from keras import ops  # noqa: E402
 import keras_linear_attention as kla  # noqa: E402
 
 
+def _fetched(fn, *args):
+    """`fn(*args)` as a call that waits for its result (fetched as NumPy)."""
+    return lambda: tf.nest.map_structure(np.asarray, fn(*args))
+
+
 def _timed(fn, repeats: int, budget_s: float) -> dict:
-    return timed(lambda: tf.nest.map_structure(np.asarray, fn()), repeats, budget_s)
+    return timed(_fetched(fn), repeats, budget_s)
 
 
 def _grad_fn(apply, variables, jit: bool, backward: bool):
@@ -198,7 +203,7 @@ def _pair(cfg: dict, result: dict) -> None:
     for impl in cfg["impls"]:
         apply, variables, inputs = _layer({**cfg, "impl": impl})
         fn = _grad_fn(apply, variables, cfg["jit"], backward=True)
-        fns[impl] = lambda fn=fn, inputs=inputs: tf.nest.map_structure(np.asarray, fn(*inputs))
+        fns[impl] = _fetched(fn, *inputs)
     result["fwdbwd"] = interleaved(fns, 2 * cfg.get("repeats", 3) + 1, 2 * cfg.get("budget_s", 20))
 
 

@@ -44,9 +44,12 @@ class Results:
         return None
 
     def both(self, a: str, b: str, n: int) -> tuple:
-        """(same-process no-XLA, XLA, separate-process no-XLA, XLA) ratios."""
+        """`a`/`b` ratios: ((same process: no XLA, XLA), (separate processes:
+        no XLA, XLA))."""
         jits = (False, True)
-        return (*(self.paired(a, b, n, j) for j in jits), *(self.ratio(a, b, n, j) for j in jits))
+        return tuple(self.paired(a, b, n, j) for j in jits), tuple(
+            self.ratio(a, b, n, j) for j in jits
+        )
 
 
 def _fmt(value: float | None, unit: str = "×") -> str:
@@ -66,8 +69,8 @@ def rows(report: dict) -> list:
     own processes, for comparison."""
     res, out = Results(report), []
     for impl in ("linear_causal", "causal_layer"):
-        vals = res.both(impl, "keras_mha_causal", 512)
-        out.append((f"{impl} / Keras MHA causal, N=512", *vals[:2], 1.0, True, "×", vals[2:]))
+        paired, separate = res.both(impl, "keras_mha_causal", 512)
+        out.append((f"{impl} / Keras MHA causal, N=512", *paired, 1.0, True, "×", separate))
     for n, limit in ((4096, 4.0), (8192, 8.0)):
         for impl in ("linear_causal", "causal_layer"):
             name = f"Keras MHA causal / {impl}, N={n} (speed-up)"
@@ -75,9 +78,9 @@ def rows(report: dict) -> list:
             out.append((name, *vals, limit, False, "×"))
     for n in (4096, 16384):
         for impl in ("linear_causal", "causal_layer"):
-            vals = res.both(impl, "linear", n)
+            paired, separate = res.both(impl, "linear", n)
             name = f"{impl} / non-causal layer, N={n}"
-            out.append((name, *vals[:2], 1.3, True, "×", vals[2:]))
+            out.append((name, *paired, 1.3, True, "×", separate))
     for n, notes_ms in FAST_TRANSFORMERS_NOTES_MS.items():
         measured = _ms(res.seconds("fast_transformers_causal", n, False))
         ref, where = (measured, "same run") if measured else (notes_ms, "NOTES.md")
@@ -92,9 +95,9 @@ def rows(report: dict) -> list:
             vals = [_peak(res.find("layer", impl, 65536, jit), stat) for jit in (False, True)]
             name = f"{impl} peak process memory, N=65536 ({stat} of its processes)"
             out.append((name, *vals, 3072.0, True, " MiB"))
-    vals = res.both("linear", "projections", 16384)
+    paired, separate = res.both("linear", "projections", 16384)
     name = "non-causal layer / its projections, N=16384"
-    out.append((name, *vals[:2], 1.25, True, "×", vals[2:]))
+    out.append((name, *paired, 1.25, True, "×", separate))
     vals = [_flop_share(res.find("core", "causal", 16384, jit)) for jit in (False, True)]
     out.append(("core causal fwd+bwd GFLOP/s / matmul GFLOP/s, N=16384", *vals, 0.40, False, ""))
     fit = [res.find("fit", None, _fit_n(report), jit) for jit in (False, True)]

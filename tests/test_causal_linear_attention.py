@@ -151,5 +151,5 @@ def test_training_step_working_set_is_bounded(causal_mha):
     tf.config.experimental.reset_memory_stats("CPU:0")
     before = tf.config.experimental.get_memory_info("CPU:0")["current"]
     step(x)
-    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
-    assert peak / x.numpy().nbytes <= 12, peak / x.numpy().nbytes
+    units = (tf.config.experimental.get_memory_info("CPU:0")["peak"] - before) / x.numpy().nbytes
+    assert units <= 12, units
