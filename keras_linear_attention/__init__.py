@@ -19,6 +19,7 @@ from keras_linear_attention.layers import (
     CausalLinearAttention,
     LinearMultiHeadAttention,
     PositionEmbedding,
+    ShortConvolution,
     SinusoidalPositionEmbedding,
 )
 from keras_linear_attention.models import build_causal_lm, build_sequence_classifier
@@ -45,6 +46,7 @@ __all__ = [
     "PositionEmbedding",
     "RecurrentLM",
     "ReluFeatureMap",
+    "ShortConvolution",
     "SinusoidalPositionEmbedding",
     "build_causal_lm",
     "build_sequence_classifier",

@@ -6,6 +6,7 @@ expected, so bad input never reaches TensorFlow as an obscure shape error.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import keras
@@ -87,3 +88,44 @@ def assert_at_runtime(condition: Any, message: str) -> Any:
 
         tf.debugging.Assert(ops.all(condition), [message])
     return ops.where(ops.all(condition), 1.0, float("nan"))
+
+
+def checked(x: Any, condition: Any, message: str, *data: Any) -> Any:
+    """`x`, once a data-dependent `condition` holds (see `assert_at_runtime`).
+
+    In a TensorFlow graph `x` depends on the assertion, so it fails with
+    `message` before any op that would fail on `x` with a shape error of
+    its own; under XLA, which drops assertions, a float `x` is NaN instead
+    (for other dtypes the caller keeps a factor). `data` (tensors) are
+    printed after `message` when the assertion fails.
+    """
+    if is_concrete(condition):
+        if not bool(ops.all(condition)):
+            raise ValueError(message)
+        return x
+    factor = ops.where(ops.all(condition), 1.0, float("nan"))
+    is_float = "float" in dtype_name(x)
+    poison = (lambda y: y * ops.cast(factor, y.dtype)) if is_float else (lambda y: y)  # noqa: E731
+    if keras.backend.backend() != "tensorflow":
+        return poison(x)
+    import tensorflow as tf
+
+    assertion = tf.debugging.Assert(ops.all(condition), [message, *data])
+    with tf.control_dependencies([assertion]):
+        return poison(tf.identity(x))
+
+
+def check_int(
+    name: str, value: Any, low: int, high: int | None = None, allow_none: bool = False
+) -> None:
+    """Raise unless `value` is an integer in `[low, high)` (or None if allowed).
+
+    NumPy integers count (they come out of arrays); bools do not.
+    """
+    if value is None and allow_none:
+        return
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not is_int or value < low or (high is not None and value >= high):
+        span = f">= {low}" if high is None else f"in [{low}, {high})"
+        none = " or None" if allow_none else ""
+        raise ValueError(f"`{name}` must be an integer {span}{none}; received {value!r}.")

@@ -3,11 +3,16 @@
 `get(identifier)` turns a name (`"elu"`, `"relu"`, `"favor"`), a config
 dict, a Keras layer (used as a trainable feature map) or a plain callable
 into a layer that maps `(..., D)` to `(..., D')` with non-negative values.
+The attention layers apply φ with `apply(feature_map, x, role)`, which tells
+maps that want it (FAVOR) whether `x` holds queries or keys.
 """
 
 from __future__ import annotations
 
+import gc
+import inspect
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +31,10 @@ class FeatureMap(keras.layers.Layer):
 
     Subclasses override `call` and, when φ changes the last dimension,
     `output_dim`. The attention layers call `redraw_if_due(training)` once
-    per forward pass, before φ is applied to queries and keys.
+    per forward pass, before φ is applied to queries and keys. A `call` with
+    a `role` argument receives `"query"` or `"key"` (see `apply`); it may
+    scale φ(q) by any positive factor per query, and φ(k) by one positive
+    factor shared by all keys of all calls: both cancel in the attention.
     """
 
     # True when φ maps each vector along the last axis on its own, whatever
@@ -112,6 +120,14 @@ def orthogonal_random_features(
     return ops.transpose(directions * norms[:, None])
 
 
+# Largest exponent of a key feature of FAVOR: e^50 times 1e5 keys times 1e4
+# (features, |values|) is 5e30, far below the float32 maximum (3.4e38, e^88.7).
+# Higher would lift keys further from underflow (e^-87) but shrink gradients
+# with respect to φ(k), which scale as 1/φ(k).
+KEY_EXPONENT_BOUND = 50.0
+_FLOAT32_MIN = -3.4028234663852886e38
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class FavorFeatureMap(FeatureMap):
     """Positive orthogonal random features approximating the softmax kernel.
@@ -119,6 +135,12 @@ class FavorFeatureMap(FeatureMap):
     `φ(x) = exp(Wᵀx' - |x'|²/2) / sqrt(m)` with `x' = x / D^{1/4}`, so that
     `E[φ(q)·φ(k)] = exp(q·k / sqrt(D))` (Performer's FAVOR+). `W` is a
     non-trainable weight: it is saved, exported and restored with the model.
+
+    Called with `role="query"`, each row is divided by its largest feature;
+    with `role="key"`, all rows by one constant set by `W` (at most
+    `exp(KEY_EXPONENT_BOUND)`): factors that cancel in the attention, so
+    large queries and keys do not underflow to zeros (Performer's
+    stabiliser). `role=None` gives the formula above.
 
     Args:
         num_features: Number of random features `m`; defaults to `2 * D`.
@@ -130,7 +152,10 @@ class FavorFeatureMap(FeatureMap):
 
     >>> fm = FavorFeatureMap(num_features=32, seed=0)
     >>> fm(keras.ops.ones((2, 5, 4, 16))).shape
-    (2, 5, 4, 32)
+    TensorShape([2, 5, 4, 32])
+    >>> phi_q = fm(8.0 * keras.ops.ones((1, 3, 2, 16)), role="query")
+    >>> round(float(keras.ops.max(phi_q)) * 32**0.5, 4)  # largest feature: 1/sqrt(m)
+    1.0
     """
 
     last_axis_only = True
@@ -179,13 +204,36 @@ class FavorFeatureMap(FeatureMap):
         due = ops.equal(self.calls % self.redraw_interval, 0)
         self.projection.assign(ops.where(due, self._draw(), self.projection))
 
-    def call(self, x):
+    def call(self, x, role=None):
         # Exponentials are computed in float32 even under mixed precision.
         x = ops.cast(x, "float32") * (self._input_dim**-0.25)
         proj = ops.einsum("...d,dm->...m", x, self.projection)
-        sq_norm = 0.5 * ops.sum(ops.square(x), axis=-1, keepdims=True)
-        m = self.projection.shape[-1]
-        return ops.exp(proj - sq_norm) / math.sqrt(m)
+        exponent = proj - 0.5 * ops.sum(ops.square(x), axis=-1, keepdims=True)
+        exponent = exponent - self._shift(exponent, role)
+        return ops.exp(exponent) / math.sqrt(self.projection.shape[-1])
+
+    def _shift(self, exponent: Any, role: str | None) -> Any:
+        """What to subtract from the exponents of `role`'s features.
+
+        Without it, entries of std ~6 at D = 16 give exponents below -87:
+        φ underflows to exact zeros and those outputs to 0. Each shift is a
+        factor that cancels in the attention ratio (see `FeatureMap`).
+        """
+        _check_role(role)
+        if role == "query":
+            # Per row: the largest feature of every query becomes 1/sqrt(m).
+            # The floor keeps a row of -inf (|x|² overflowed) at 0, not NaN.
+            row_max = ops.max(exponent, axis=-1, keepdims=True)
+            return ops.stop_gradient(ops.maximum(row_max, _FLOAT32_MIN))
+        if role == "key":
+            # One data-independent constant, the same in every call (prefill
+            # and steps share a state): w·x - |x|²/2 <= |w|²/2, so no key
+            # exponent exceeds KEY_EXPONENT_BOUND. Keys are lifted by that
+            # bound less max |w|²/2: by 38 at D = 16, by 3 at D = 64 (and
+            # lowered at D >= ~100, where unshifted keys could overflow).
+            half_sq_norms = 0.5 * ops.sum(ops.square(self.projection), axis=0)
+            return ops.max(half_sq_norms) - KEY_EXPONENT_BOUND
+        return 0.0
 
     # The seed generator's state is not a Keras weight, so `model.save` would
     # drop it and a reloaded model would redraw a different W than the
@@ -268,6 +316,70 @@ def get(identifier: Any = "elu") -> keras.layers.Layer:
     raise TypeError(
         f"`feature_map` must be a name, a Keras layer or a callable; received {identifier!r}."
     )
+
+
+ROLES = ("query", "key")
+
+
+def apply(feature_map: Callable, x: Any, role: str) -> Any:
+    """φ(x) for `role` `"query"` or `"key"`; only a φ whose `call` takes a
+    `role` argument (FAVOR) receives it, other layers and functions get `x`.
+
+    Example:
+
+    >>> apply(get("elu"), keras.ops.zeros((1, 2, 1, 3)), "key").shape
+    TensorShape([1, 2, 1, 3])
+    """
+    _check_role(role)
+    if "role" in inspect.signature(getattr(feature_map, "call", feature_map)).parameters:
+        return feature_map(x, role=role)
+    return feature_map(x)
+
+
+def _check_role(role: Any) -> None:
+    if role is not None and role not in ROLES:
+        raise ValueError(f"`role` must be one of {ROLES} or None; received {role!r}.")
+
+
+# Feature map -> weak reference to the one attention layer that uses it.
+_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def adopt(feature_map: keras.layers.Layer, owner: keras.layers.Layer) -> keras.layers.Layer:
+    """Record `owner` as the attention layer of `feature_map`; refuse a second.
+
+    Two layers sharing one φ save its weights once, under the first, and a
+    reloaded model (one φ per layer) fails: "expected 1 variables, but
+    received 0".
+
+    Example:
+
+    >>> from keras_linear_attention import LinearMultiHeadAttention
+    >>> fm = FavorFeatureMap(seed=4)
+    >>> first = LinearMultiHeadAttention(2, 8, feature_map=fm, name="first")
+    >>> LinearMultiHeadAttention(2, 8, feature_map=fm)
+    Traceback (most recent call last):
+    ...
+    ValueError: This `feature_map` (...) is already used by the attention layer 'first'; ...
+    """
+    if _owner(feature_map) not in (None, owner):
+        gc.collect()  # the other may be garbage not yet collected (a re-run cell)
+    other = _owner(feature_map)
+    if other is not None and other is not owner:
+        raise ValueError(
+            f"This `feature_map` ({feature_map.name}) is already used by the "
+            f"attention layer {other.name!r}; one φ layer cannot be shared, as "
+            "a saved model would not load. Pass each attention layer its own: "
+            "a name or config (`feature_maps.serialize(fm)`), or a fresh instance "
+            "(a FavorFeatureMap with the same seed draws the same features)."
+        )
+    _OWNERS[feature_map] = weakref.ref(owner)
+    return feature_map
+
+
+def _owner(feature_map: keras.layers.Layer) -> keras.layers.Layer | None:
+    ref = _OWNERS.get(feature_map)
+    return None if ref is None else ref()
 
 
 def output_dim(feature_map: keras.layers.Layer, input_dim: int) -> int:

@@ -82,3 +82,71 @@ def layer_reference(w, query, value, key=None, phi=elu_plus_one, gate=False, **k
     return (
         tf.einsum("bthk,hkd->btd", out, w["attention_output/kernel"]) + w["attention_output/bias"]
     )
+
+
+# Gated linear attention and the (gated) delta rule, token by token.
+# S (B, H, D, M); o_t = S_tᵀ q_t. Literal loops over t, float64.
+
+
+def gated_recurrence(q, k, v, log_gate, s0=None):
+    """S_t = exp(g_t) S_{t-1} + k_t v_tᵀ; returns (o (B,T,H,M), S_final)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, t, h, d = q.shape
+    g = np.broadcast_to(np.asarray(log_gate, np.float64), (b, t, h))  # (H,) -> (B, T, H)
+    s = np.zeros((b, h, d, v.shape[-1])) if s0 is None else np.array(s0, np.float64)
+    o = np.zeros(v.shape)
+    for i in range(t):
+        kv = np.einsum("bhd,bhm->bhdm", k[:, i], v[:, i])
+        s = np.exp(g[:, i])[..., None, None] * s + kv
+        o[:, i] = np.einsum("bhdm,bhd->bhm", s, q[:, i])
+    return o, s
+
+
+def delta_recurrence(q, k, v, beta, log_gate=None, s0=None):
+    """S_t = exp(g_t) (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ (g_t = 0 without
+    `log_gate`); returns (o (B,T,H,M), S_final)."""
+    q, k, v, beta = (np.asarray(x, np.float64) for x in (q, k, v, beta))
+    b, t, h, d = q.shape
+    g = np.zeros((b, t, h)) if log_gate is None else np.asarray(log_gate, np.float64)
+    g = np.broadcast_to(g, (b, t, h))
+    s = np.zeros((b, h, d, v.shape[-1])) if s0 is None else np.array(s0, np.float64)
+    o = np.zeros(v.shape)
+    for i in range(t):
+        bt = beta[:, i][..., None, None]
+        kk = np.einsum("bhd,bhe->bhde", k[:, i], k[:, i])
+        kv = np.einsum("bhd,bhm->bhdm", k[:, i], v[:, i])
+        s = np.exp(g[:, i])[..., None, None] * ((np.eye(d) - bt * kk) @ s) + bt * kv
+        o[:, i] = np.einsum("bhdm,bhd->bhm", s, q[:, i])
+    return o, s
+
+
+def gated_recurrence_tf(q, k, v, log_gate, s0=None):
+    """`gated_recurrence` in TF float64 ops, so GradientTape differentiates it."""
+    q, k, v, g = (tf.cast(x, tf.float64) for x in (q, k, v, log_gate))
+    b, t, h, d = q.shape
+    g = tf.broadcast_to(g, (b, t, h))
+    s = tf.zeros((b, h, d, v.shape[-1]), tf.float64) if s0 is None else tf.cast(s0, tf.float64)
+    o = []
+    for i in range(t):
+        kv = tf.einsum("bhd,bhm->bhdm", k[:, i], v[:, i])
+        s = tf.exp(g[:, i])[..., None, None] * s + kv
+        o.append(tf.einsum("bhdm,bhd->bhm", s, q[:, i]))
+    return tf.stack(o, 1), s
+
+
+def delta_recurrence_tf(q, k, v, beta, log_gate=None, s0=None):
+    """`delta_recurrence` in TF float64 ops, so GradientTape differentiates it."""
+    q, k, v, beta = (tf.cast(x, tf.float64) for x in (q, k, v, beta))
+    b, t, h, d = q.shape
+    g = tf.zeros((b, t, h), tf.float64) if log_gate is None else tf.cast(log_gate, tf.float64)
+    g = tf.broadcast_to(g, (b, t, h))
+    s = tf.zeros((b, h, d, v.shape[-1]), tf.float64) if s0 is None else tf.cast(s0, tf.float64)
+    o = []
+    for i in range(t):
+        bt = beta[:, i][..., None, None]
+        kk = tf.einsum("bhd,bhe->bhde", k[:, i], k[:, i])
+        kv = tf.einsum("bhd,bhm->bhdm", k[:, i], v[:, i])
+        s = tf.exp(g[:, i])[..., None, None] * ((tf.eye(d, dtype=tf.float64) - bt * kk) @ s)
+        s = s + bt * kv
+        o.append(tf.einsum("bhdm,bhd->bhm", s, q[:, i]))
+    return tf.stack(o, 1), s

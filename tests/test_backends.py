@@ -129,6 +129,61 @@ def test_layer_matches_numpy_from_its_weights(rng, causal):
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
+def _ref_recurrence_ops(q, k, v, beta, log_gate):
+    """The (gated) delta rule token by token in keras.ops (beta None: the
+    gated form), so every backend can differentiate it."""
+    b, t, h, d = q.shape
+    state = ops.zeros((b, h, d, v.shape[-1]), q.dtype)
+    outs = []
+    for i in range(t):
+        kt, vt = k[:, i], v[:, i]
+        state = state * ops.exp(log_gate[:, i])[..., None, None]
+        if beta is not None:
+            recalled = ops.einsum("bhd,bhdm->bhm", kt, state)
+            vt = beta[:, i][..., None] * (vt - recalled)
+        state = state + ops.einsum("bhd,bhm->bhdm", kt, vt)
+        outs.append(ops.einsum("bhd,bhdm->bhm", q[:, i], state))
+    return ops.stack(outs, axis=1)
+
+
+@pytest.mark.parametrize("delta", [False, True])
+@pytest.mark.parametrize("n,chunk", [(1, 4), (13, 4), (40, 16)])
+def test_recurrence_ops_forward_and_gradients_match(rng, delta, n, chunk):
+    q, k, v = (rng.normal(size=(2, n, 2, d)).astype("float32") for d in (4, 4, 3))
+    k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    log_gate = np.log(rng.uniform(0.5, 1.0, (2, n, 2))).astype("float32")
+    beta = rng.uniform(0, 1, (2, n, 2)).astype("float32")
+
+    def ours(q, k, v, log_gate, beta):
+        if delta:
+            return kla.ops.delta_rule_attention(q, k, v, beta, log_gate, chunk_size=chunk)
+        return kla.ops.gated_linear_attention(q, k, v, log_gate, chunk_size=chunk)
+
+    def ref(q, k, v, log_gate, beta):
+        return _ref_recurrence_ops(q, k, v, beta if delta else None, log_gate)
+
+    args = (q, k, v, log_gate, beta)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(ours(*args)), ops.convert_to_numpy(ref(*args)), rtol=1e-4, atol=1e-5
+    )
+    for a, b in zip(grads(ours, *args), grads(ref, *args), strict=True):
+        a = np.zeros(1) if a is None else ops.convert_to_numpy(a)
+        b = np.zeros(1) if b is None else ops.convert_to_numpy(b)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("recurrence", ["retention", "gated_delta"])
+def test_recurrence_lm_generates_as_it_recomputes(recurrence):
+    keras.utils.set_random_seed(2)
+    model = kla.build_causal_lm(19, max_length=32, hidden_dim=16, num_heads=2, attention=recurrence)
+    prompts = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+    tokens = prompts
+    for _ in range(6):
+        logits = ops.convert_to_numpy(model(tokens))[:, -1]
+        tokens = np.concatenate([tokens, logits.argmax(-1)[:, None].astype(np.int32)], axis=1)
+    np.testing.assert_array_equal(generate(model, prompts, 6), tokens)
+
+
 @pytest.fixture
 def lm():
     keras.utils.set_random_seed(1)

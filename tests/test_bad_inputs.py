@@ -130,10 +130,36 @@ CASES = [
         r"`value_mask` must have shape \(2, 5\)",
     ),
     (
-        "layer: attention_mask rank 4",
-        lambda: _lin()(X, X, attention_mask=np.ones((2, 1, 5, 5))),
+        "layer: attention_mask rank 5",
+        lambda: _lin()(X, X, attention_mask=np.ones((2, 1, 1, 5, 5))),
         ValueError,
         r"key-padding and causal masking only",
+    ),
+    (
+        "layer: attention_mask heads differ",
+        lambda: _lin()(
+            X, X, attention_mask=np.stack([np.ones((2, 5, 5)), np.tile(np.eye(5), (2, 1, 1))], 1)
+        ),
+        ValueError,
+        r"its heads differ",
+    ),
+    (
+        "layer: attention_mask (B', S) read as (T, S), T differs",
+        lambda: _lin()(X[:1], X[:1], attention_mask=np.ones((3, 5))),
+        ValueError,
+        r"attention_mask of shape \(3, 5\)",
+    ),
+    (
+        "layer: attention_mask batch 3 for batch 2",
+        lambda: _lin()(X, X, attention_mask=np.ones((3, 1, 5))),
+        ValueError,
+        r"3 along its batch axis, for 2 batch: expected 1 or 2",
+    ),
+    (
+        "layer: attention_mask heads 3 for 2 heads",
+        lambda: _lin()(X, X, attention_mask=np.ones((2, 3, 5, 5))),
+        ValueError,
+        r"3 along its heads axis, for 2 heads",
     ),
     (
         "layer: attention_mask wrong S",

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 from conftest import MODES, assert_close, in_mode
 
+import keras_linear_attention as kla
 from keras_linear_attention import LinearTransformerDecoder, LinearTransformerEncoder
 
 
@@ -73,7 +74,7 @@ def test_decoder_cross_attention_sees_encoder_padding(rng):
 
 def test_softmax_decoder_has_no_state(rng):
     block = LinearTransformerDecoder(2, 32, attention="softmax")
-    with pytest.raises(ValueError, match="attention='linear'"):
+    with pytest.raises(ValueError, match="softmax attention has no recurrent state"):
         block(_x(rng, (1, 4, 16)), return_state=True)
 
 
@@ -116,3 +117,69 @@ def test_block_trains_under_xla_and_mixed_precision(rng):
     model.compile("adam", "mse", jit_compile=True)
     history = model.fit(rng.normal(size=(16, 12, 16)), rng.normal(size=(16, 12, 1)), verbose=0)
     assert np.isfinite(history.history["loss"][0])
+
+
+def _self_attention(block):
+    return getattr(block, "_attention_layer", None) or block._self_attention
+
+
+def _custom_phi(rng):
+    """A trainable φ with weights of its own (not what a fresh one draws)."""
+    phi = keras.layers.Dense(8, activation="softplus", name="phi")
+    phi.build((None, None, 2, 8))
+    phi.set_weights([rng.normal(size=(8, 8)).astype("float32"), np.full(8, 0.5, "float32")])
+    return phi
+
+
+@pytest.mark.parametrize("cls", [LinearTransformerEncoder, LinearTransformerDecoder])
+def test_blocks_use_the_feature_map_instance_they_are_given(rng, cls):
+    phi = _custom_phi(rng)
+    kernel = phi.get_weights()[0]
+    block = cls(2, 32, feature_map=phi)
+    x = _x(rng, (2, 7, 16))
+    out = block(x)
+    assert _self_attention(block).feature_map is phi
+    np.testing.assert_array_equal(phi.get_weights()[0], kernel)
+    # The same block with a fresh φ from the config: only φ's weights differ.
+    fresh = cls.from_config(block.get_config())
+    fresh(x)
+    fresh_phi = _self_attention(fresh).feature_map
+    assert fresh_phi is not phi
+    for mine, theirs in zip(block.weights, fresh.weights, strict=True):
+        if not any(mine is w for w in phi.weights):
+            theirs.assign(mine)
+    assert np.max(np.abs(fresh(x) - out)) > 1e-3
+    fresh_phi.set_weights(phi.get_weights())
+    assert_close("block with the given φ", fresh(x), out, 1e-6, 1e-6)
+
+
+def test_decoder_cross_attention_gets_its_own_feature_map(rng):
+    fm = kla.FavorFeatureMap(num_features=16, seed=5)
+    block = LinearTransformerDecoder(2, 32, feature_map=fm)
+    block(_x(rng, (1, 5, 16)), encoder_outputs=_x(rng, (1, 6, 12)))
+    cross = block._cross_attention.feature_map
+    assert block._self_attention.feature_map is fm and cross is not fm
+    assert cross.get_config() | {"name": fm.name} == fm.get_config()
+    np.testing.assert_array_equal(cross.projection, fm.projection)  # same seed
+
+
+def test_one_feature_map_instance_cannot_serve_two_blocks(rng):
+    fm = kla.FavorFeatureMap(seed=5)
+    first = LinearTransformerEncoder(2, 32, feature_map=fm)
+    first(_x(rng, (1, 4, 16)))
+    with pytest.raises(ValueError, match="already used by the attention layer 'self_attention'"):
+        LinearTransformerEncoder(2, 32, feature_map=fm)(_x(rng, (1, 4, 16)))
+
+
+@pytest.mark.parametrize("cls", [LinearTransformerEncoder, LinearTransformerDecoder])
+def test_block_with_a_given_feature_map_round_trips_through_keras_files(tmp_path, rng, cls):
+    inputs = keras.Input((None, 16))
+    block = cls(2, 32, feature_map=_custom_phi(rng))
+    model = keras.Model(inputs, block(inputs))
+    x = _x(rng, (2, 9, 16))
+    model.save(tmp_path / "block.keras")
+    loaded = keras.models.load_model(tmp_path / "block.keras")
+    assert_close("block with given φ save/load", loaded(x), model(x), 1e-6, 1e-6)
+    loaded_phi = _self_attention(loaded.layers[1]).feature_map
+    phi = _self_attention(block).feature_map
+    np.testing.assert_array_equal(loaded_phi.get_weights()[0], phi.get_weights()[0])

@@ -7,6 +7,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_linear_attention import build_causal_lm, build_sequence_classifier
 from keras_linear_attention.export import (
@@ -79,6 +80,35 @@ def test_lm_saved_model_in_fresh_process(tmp_path, lm, lm_export):
     expected = np.asarray(lm(x))
     np.testing.assert_allclose(out["serve"], expected, atol=1e-5)
     np.testing.assert_allclose(out["step"], expected[:, -1], atol=1e-5)
+
+
+def _step_with_index(lm_export, index):
+    """The SavedModel `step` at `index` after a prefill of all but the last token."""
+    _, out_dir, x = lm_export
+    sigs = tf.saved_model.load(str(out_dir / "saved_model")).signatures
+    states = sigs["prefill"](token_ids=tf.constant(x[:, :-1]))
+    states = {k: v.numpy() for k, v in states.items() if k != "logits"}
+    return sigs["step"](token=tf.constant(x[:, -1]), index=tf.constant(index), **states), states
+
+
+@pytest.mark.parametrize("index", [-1, 512])
+def test_saved_model_step_refuses_an_index_outside_the_positions(lm_export, index):
+    """-1 used to wrap to the last position; 512 failed inside a Gather."""
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"`start_index`.*max_length=512"):
+        _step_with_index(lm_export, index)
+
+
+@pytest.mark.parametrize("index", [-1, 512])
+def test_tflite_step_gives_nan_for_an_index_outside_the_positions(lm_export, index):
+    """TFLite drops the assertion; the NaN factor still makes the result loud."""
+    _, out_dir, x = lm_export
+    expected, states = _step_with_index(lm_export, x.shape[1] - 1)
+    interpreter = parity.tflite_runner((out_dir / "step.float32.tflite").read_bytes())
+    step = interpreter.get_signature_runner("step")
+    good = step(token=x[:, -1], index=np.asarray(x.shape[1] - 1, np.int32), **states)
+    np.testing.assert_allclose(good["logits"], expected["logits"], atol=1e-4)
+    bad = step(token=x[:, -1], index=np.asarray(index, np.int32), **states)
+    assert np.all(np.isnan(bad["logits"]))
 
 
 def test_saved_model_cli_lists_signatures(lm_export):
@@ -159,3 +189,25 @@ def test_command_line_export(tmp_path, classifier):
         "serve.float32.tflite",
         "serve.int8.tflite",
     ]
+
+
+@pytest.mark.parametrize("recurrence", ["retention", "gated", "delta", "gated_delta"])
+def test_recurrence_lm_exports_and_steps_on_litert(tmp_path, recurrence):
+    """Each recurrence's LM: SavedModel serve/prefill/step match Keras; the
+    TFLite `step` (builtins only), fed token by token, matches Keras; the
+    TFLite `serve` too, except for the delta rule, whose skip says why."""
+    keras.utils.set_random_seed(5)
+    model = build_causal_lm(31, max_length=64, hidden_dim=16, num_heads=2, attention=recurrence)
+    x = parity.sample_inputs(model, length=12)
+    summary = export_bundle(model, str(tmp_path), quantizations=("float32", "int8"), sample=x)
+    assert summary["saved_model"]["signatures"] == ["serve", "prefill", "step"]
+    assert max(summary["saved_model"]["max_abs_error"].values()) < 1e-5
+    keys = ["step"] if "delta" in recurrence else ["serve", "step"]
+    assert sorted(summary["tflite"]) == sorted(
+        f"{k}.{q}" for k in keys for q in ("float32", "int8")
+    )
+    for name, info in summary["tflite"].items():
+        assert info["max_abs_error"] < TOLERANCE[name.split(".")[1]], (name, info)
+        assert not any(op.startswith("Flex") or op == "CUSTOM" for op in info["ops"])
+    if "delta" in recurrence:
+        assert "delta rule" in summary["tflite_skipped"]["serve"]

@@ -4,9 +4,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_close
+from conftest import assert_close, in_mode
 
 from keras_linear_attention import RecurrentLM, build_causal_lm, generate
+from keras_linear_attention.layers import PositionEmbedding, SinusoidalPositionEmbedding
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,16 @@ def test_stop_token_pads_finished_sequences(lm):
         ([[]], {}, "prompt_length>0"),
         ([[1, 2]], {"max_new_tokens": 63}, "max_length=64"),
         ([[1, 2]], {"temperature": -1.0}, "temperature"),
+        ([[1, 2]], {"temperature": float("nan")}, "`temperature` must be a finite number"),
+        ([[1, 2]], {"max_new_tokens": 2.0}, "`max_new_tokens` must be an integer"),
+        ([[1, 2]], {"max_new_tokens": True}, "`max_new_tokens` must be an integer"),
+        ([[1, 2]], {"top_k": 0}, r"`top_k` must be an integer >= 1 or None; received 0"),
+        ([[1, 2]], {"seed": 2**31}, r"`seed` must be an integer in \[0, 2147483648\)"),
+        ([[1, 2]], {"seed": 2**32}, r"`seed` must be an integer in \[0, 2147483648\)"),
+        ([[1, 2]], {"seed": -1}, r"`seed` must be an integer"),
+        ([[1, 2]], {"stop_token_id": 23}, r"`stop_token_id` must be an integer in \[0, 23\)"),
+        ([[1, 2, 23]], {}, r"token id 23 at \[0, 2\], outside the vocabulary .*vocabulary_size=23"),
+        ([[1, 2], [3, -1]], {}, r"`prompts` holds token id -1 at \[1, 1\].*vocabulary_size=23"),
     ],
 )
 def test_generate_checks_its_arguments(lm, prompts, kwargs, match):
@@ -91,3 +102,70 @@ def test_softmax_lm_cannot_run_as_rnn():
     model = build_causal_lm(9, max_length=8, hidden_dim=8, num_heads=2, attention="softmax")
     with pytest.raises(ValueError, match="cannot run as an RNN"):
         RecurrentLM(model)
+
+
+def test_recurrent_lm_knows_its_vocabulary_size(lm):
+    assert RecurrentLM(lm).vocabulary_size == 23
+
+
+def test_generate_accepts_numpy_integers(lm):
+    ints = dict(top_k=3, seed=5, stop_token_id=4)
+    expected = generate(lm, [[1, 2, 3]], 6, temperature=1.0, **ints)
+    as_numpy = {k: np.int64(v) for k, v in ints.items()}
+    out = generate(lm, [[1, 2, 3]], np.int32(6), temperature=1.0, **as_numpy)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_largest_seed_is_not_the_same_as_seed_zero(lm):
+    sample = lambda seed: generate(lm, [[1, 2, 3]], 15, temperature=1.0, seed=seed)  # noqa: E731
+    assert not np.array_equal(sample(2**31 - 1), sample(0))
+
+
+def test_step_traces_once_whatever_the_index(lm):
+    """A Python int index must not retrace (and, under XLA, recompile) per token."""
+    runner = RecurrentLM(lm)
+    _, states = runner.prefill([[1, 2, 3]])
+    for index in (3, 4, 5, 6, np.int64(7), tf.constant(8)):
+        _, states = runner.step([1], states, index)
+    assert runner._step_fn.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("position", ["learned", "none"])
+@pytest.mark.parametrize("index", [-1, 64])
+def test_step_refuses_an_index_outside_the_positions(position, index):
+    model = build_causal_lm(23, max_length=64, hidden_dim=16, num_heads=2, position=position)
+    runner = RecurrentLM(model)
+    _, states = runner.prefill([[1, 2, 3]])
+    if position == "none" and index == 64:
+        runner.step([1], states, index)  # no position table: no upper bound
+        return
+    with pytest.raises(ValueError, match=rf"`index` must lie in \[0, .*received {index}"):
+        runner.step([1], states, index)
+
+
+def _embedding(kind):
+    layer = PositionEmbedding(16) if kind == "learned" else SinusoidalPositionEmbedding()
+    layer(np.ones((1, 2, 8), "float32"))
+    return layer
+
+
+@pytest.mark.parametrize("kind, start", [("learned", -1), ("learned", 15), ("sinusoidal", -1)])
+def test_position_embedding_refuses_a_static_start_outside_the_table(kind, start):
+    with pytest.raises(ValueError, match=rf"`start_index`={start} with sequence length 2"):
+        _embedding(kind)(np.ones((1, 2, 8), "float32"), start_index=start)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+@pytest.mark.parametrize("kind, start", [("learned", -1), ("learned", 16), ("sinusoidal", -1)])
+def test_position_embedding_refuses_a_tensor_start_outside_the_table(kind, start, mode):
+    """Raises eagerly, asserts in graphs, and gives NaN under XLA (no asserts)."""
+    layer = _embedding(kind)
+    fn = in_mode(lambda i: layer(tf.ones((1, 1, 8)), start_index=i), mode)
+    assert np.all(np.isfinite(fn(tf.constant(0))))
+    if mode == "xla":
+        assert np.all(np.isnan(fn(tf.constant(start))))
+        return
+    error = ValueError if mode == "eager" else tf.errors.InvalidArgumentError
+    limit = "16" if kind == "learned" else "inf"
+    with pytest.raises(error, match=rf"`start_index`.*\[0, {limit}\) \(max_length="):
+        fn(tf.constant(start))

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import kernel_attention
+from reference import kernel_attention, layer_reference, layer_weights
 
 import keras_linear_attention as kla
 from keras_linear_attention.generation import RecurrentLM
@@ -124,6 +124,126 @@ def test_huge_head_count(causal):
     assert layer(x, x, use_causal_mask=causal).shape == (1, 7, 16)
 
 
+# ------------------------------------------- masks, chunks and states (issue 15)
+SPEC_BT8 = tf.TensorSpec((None, None, 8))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_rank2_attention_mask_is_t_by_s_as_in_keras(rng, batch):
+    """Keras reads a rank-2 mask as (T, S) for every batch row: `tril` is the
+    causal mask. It never changes the batch (it did: (1, 5, 8) gave (5, 5, 8)),
+    and with B = T it is never read as per-batch key padding."""
+    layer = kla.LinearMultiHeadAttention(2, 4)
+    x = rng.normal(size=(batch, 5, 8)).astype("float32")
+    tril = np.tril(np.ones((5, 5), bool))
+    causal = layer(x, x, use_causal_mask=True)
+    ref = layer_reference(layer_weights(layer), x, x, causal=True)
+    np.testing.assert_allclose(causal, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer(x, x, attention_mask=tril, use_causal_mask=True), causal)
+    # Without use_causal_mask, tril is not key padding: refused in every mode.
+    with pytest.raises(ValueError, match="its query rows differ"):
+        layer(x, x, attention_mask=tril)
+    run = lambda x: layer(x, x, attention_mask=tril)  # noqa: E731
+    with pytest.raises(tf.errors.InvalidArgumentError, match="its query rows differ"):
+        tf.function(run, input_signature=[SPEC_BT8])(x)
+    out = tf.function(run, input_signature=[SPEC_BT8], jit_compile=True)(x)
+    assert out.shape == x.shape and np.all(np.isnan(out))
+
+
+@pytest.mark.parametrize("mode", ["function", "xla"])
+def test_attention_mask_batch_is_checked_when_batch_is_dynamic(rng, mode):
+    layer = kla.LinearMultiHeadAttention(2, 4)
+    x = rng.normal(size=(2, 5, 8)).astype("float32")
+    keys = rng.random((2, 1, 5)) > 0.3
+    keys[..., 0] = True
+    spec = [SPEC_BT8, tf.TensorSpec((None, 1, None), tf.bool)]
+    fn = tf.function(
+        lambda x, m: layer(x, x, attention_mask=m), input_signature=spec, jit_compile=mode == "xla"
+    )
+    np.testing.assert_allclose(fn(x, keys), layer(x, x, value_mask=keys[:, 0]), atol=1e-6)
+    np.testing.assert_allclose(
+        fn(x, keys[:1]), layer(x, x, value_mask=np.repeat(keys[:1, 0], 2, 0)), atol=1e-6
+    )
+    wrong = np.ones((3, 1, 5), bool)
+    if mode == "xla":  # XLA drops assertions: poisoned, not silently wrong.
+        assert np.all(np.isnan(fn(x, wrong)))
+    else:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="its batch axis is neither"):
+            fn(x, wrong)
+
+
+@pytest.mark.parametrize("mode", ["function", "xla"])
+@pytest.mark.parametrize("chunk_size", [10**6, 4096])
+def test_chunk_larger_than_a_dynamic_length(rng, mode, chunk_size):
+    """The chunk is min(chunk_size, N), also when N is known only at run time
+    (10**6 failed to trace; under XLA it asked for 22.5 TiB)."""
+    layer = kla.LinearMultiHeadAttention(2, 4, chunk_size=chunk_size)
+    x = tf.constant(rng.normal(size=(2, 13, 8)).astype("float32"))
+    layer.build(x.shape, x.shape)
+    ref = layer_reference(layer_weights(layer), x, x, causal=True)
+
+    def loss_and_grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = layer(x, x, use_causal_mask=True)
+            loss = tf.reduce_sum(out**2)
+        return out, tape.gradient(loss, x)
+
+    fn = tf.function(loss_and_grad, input_signature=[SPEC_BT8], jit_compile=mode == "xla")
+    out, grad = fn(x)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, loss_and_grad(x)[1], rtol=1e-4, atol=1e-5)
+
+
+def test_chunk_length_never_exceeds_the_sequence():
+    from keras_linear_attention.ops.causal import chunk_length
+
+    dynamic = tf.function(lambda x: chunk_length(4096, x), input_signature=[SPEC_BT8])
+    assert int(dynamic(tf.zeros((1, 13, 8)))) == 13
+    assert int(dynamic(tf.zeros((1, 5000, 8)))) == 4096
+    assert chunk_length(4096, tf.zeros((1, 13, 8))) == 13
+
+
+def _bad_batch_state_cases():
+    layer = kla.CausalLinearAttention(2, 4)
+    layer(np.ones((8, 1, 8), "float32"))
+    state_spec = (tf.TensorSpec((None, 2, 4, 4)), tf.TensorSpec((None, 2, 4)))
+    layer_fn = tf.function(
+        lambda x, s: layer(x, initial_state=s, return_state=True),
+        input_signature=[SPEC_BT8, state_spec],
+    )
+    step_fn = tf.function(
+        lambda q, s: kla.ops.linear_attention_step(q, q, q, s),
+        input_signature=[tf.TensorSpec((None, 2, 4)), state_spec],
+    )
+    return [
+        (layer_fn, np.ones((8, 1, 8), "float32"), layer.get_initial_state),
+        (step_fn, np.ones((8, 2, 4), "float32"), lambda b: kla.ops.initial_state(b, 2, 4, 4)),
+    ]
+
+
+def test_state_of_another_batch_is_named_in_graphs():
+    """With a dynamic batch the shape check runs in the graph, before any op
+    could fail with "Incompatible shapes" of its own."""
+    for fn, x, make_state in _bad_batch_state_cases():
+        assert fn(x, make_state(8))[0].shape[0] == 8
+        with pytest.raises(
+            tf.errors.InvalidArgumentError, match=r"`initial_state\[0\] \(kv\)` must have shape"
+        ):
+            fn(x, make_state(4))
+
+
+def test_state_of_another_batch_in_the_recurrent_lm_graph(lm):
+    runner = RecurrentLM(lm, jit_compile=False)
+    states = runner.initial_state(4)
+    state_spec = tuple(tf.TensorSpec((None, *s.shape[1:])) for s in states)
+    spec = [tf.TensorSpec((None,), tf.int32), state_spec]
+    step = tf.function(lambda t, s: runner.step(t, s, 3), input_signature=spec)
+    assert step(tf.constant([1, 2, 3, 4]), states)[0].shape == (4, 11)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"initial_state\[0\] \(kv\)"):
+        step(tf.constant([1, 2]), states)
+
+
 # ---------------------------------------------------------------- clear errors
 @pytest.fixture(scope="module")
 def lm():
@@ -136,7 +256,7 @@ def lm():
     [
         (
             lambda s: s[:3],
-            r"`states` must hold 4 tensors \(kv, k_sum per block, 2 blocks\); received 3",
+            r"`states` must hold 4 tensors \(kv_0, k_sum_0, kv_1, k_sum_1\); received 3",
         ),
         (lambda s: (s[1], s[0], *s[2:]), r"`initial_state\[0\] \(kv\)` must have shape"),
         (lambda s: (s[0][:, :1], *s[1:]), r"`initial_state\[0\] \(kv\)` must have shape"),
@@ -175,7 +295,8 @@ def test_truncated_keras_file_raises(lm, tmp_path):
 # Config keys that older files may lack, per class; each has a default.
 NEW_KEYS = {
     "LinearMultiHeadAttention": ["chunk_size", "eps", "use_gate", "feature_map"],
-    "LinearTransformerDecoder": ["attention", "feature_map", "key_dim"],
+    "LinearTransformerDecoder": ["attention", "feature_map", "key_dim", "conv_size"],
+    "CausalLinearAttention": ["recurrence", "output_norm", "conv_size"],
 }
 
 
@@ -215,3 +336,17 @@ def _drop_keys(node) -> int:
     elif isinstance(node, list):
         removed += sum(_drop_keys(v) for v in node)
     return removed
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_favor_with_overflowing_squared_norms_gives_zeros_not_nan(causal):
+    """Entries ~1e20 overflow |x|² to inf, so every FAVOR exponent is -inf:
+    φ is 0 and the output the documented fallback 0, never the NaN of the
+    query stabiliser's -inf - (-inf)."""
+    fm = kla.FavorFeatureMap(seed=0)
+    x = np.full((1, 3, 2, 16), 1e20, "float32")
+    for role in ("query", "key"):
+        np.testing.assert_array_equal(kla.feature_maps.apply(fm, x, role), 0.0)
+    layer = kla.LinearMultiHeadAttention(2, 8, feature_map="favor")
+    query, value = np.full((1, 4, 8), 1e20, "float32"), np.ones((1, 4, 8), "float32")
+    assert np.all(np.isfinite(layer(query, value, use_causal_mask=causal)))

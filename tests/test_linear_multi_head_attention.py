@@ -91,8 +91,18 @@ def test_attention_mask_shapes_equal_key_padding(rng):
     q, v = _x(rng, 2, 4, DIM), _x(rng, 2, 6, DIM)
     keys = np.array([[1, 1, 0, 1, 0, 1], [1, 0, 0, 0, 1, 1]], bool)
     expected = layer(q, v, value_mask=keys)
-    for mask in (keys, keys[:, None, :], np.repeat(keys[:, None, :], 4, axis=1)):
+    # Keras's layouts: (B, 1, S), (B, T, S), (B, heads, T, S), (B, 1, 1, S).
+    for mask in (
+        keys[:, None, :],
+        np.repeat(keys[:, None, :], 4, axis=1),
+        np.broadcast_to(keys[:, None, None, :], (2, 2, 4, 6)),
+        keys[:, None, None, :],
+    ):
         np.testing.assert_allclose(layer(q, v, attention_mask=mask), expected, rtol=1e-6)
+    # A rank-2 mask is (T, S) for every batch row, as in Keras: (1, S) pads
+    # the same keys everywhere.
+    shared = layer(q, v, value_mask=np.repeat(keys[:1], 2, axis=0))
+    np.testing.assert_allclose(layer(q, v, attention_mask=keys[:1]), shared, rtol=1e-6)
     ref = layer_reference(layer_weights(layer), q, v, key_mask=keys)
     assert_close("layer attention_mask", expected, ref, **TOL)
 

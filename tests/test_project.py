@@ -91,6 +91,23 @@ def test_edge_benchmark_smoke():
     assert all(v > 0 for v in results["tflite"]["int8"]["step_ms_after_context"].values())
 
 
+def test_recurrences_benchmark_smoke(tmp_path):
+    """benchmarks/recurrences.py end to end at tiny sizes (its numbers mean nothing)."""
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "benchmarks/recurrences.py", "--quick", "--json", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=900)
+    results = json.loads(out.read_text())
+    assert set(results["layers"]["256"]["ratio_to_first"]) == {
+        "linear",
+        "retention",
+        "gated",
+        "delta",
+        "gated_delta",
+    }
+    assert results["long"]["peak_rss_mib"] > 0 and results["long"]["ratio"] > 0
+    assert all(r["ratio"] > 0 for r in results["step"].values())
+
+
 @pytest.mark.slow
 def test_quickstart_example_runs(capsys):
     runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")

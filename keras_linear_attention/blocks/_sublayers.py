@@ -11,7 +11,10 @@ from keras_linear_attention import feature_maps as fm_lib
 from keras_linear_attention.layers.causal_linear_attention import CausalLinearAttention
 from keras_linear_attention.layers.linear_multi_head_attention import LinearMultiHeadAttention
 
-ATTENTION_KINDS = ("linear", "softmax")
+# "linear" and "softmax" attend in any block; the other recurrences
+# (`CausalLinearAttention(recurrence=...)`) are causal self-attention only.
+RECURRENCES = ("retention", "gated", "delta", "gated_delta")
+ATTENTION_KINDS = ("linear", "softmax", *RECURRENCES)
 
 
 def check_block_args(num_heads: Any, intermediate_dim: Any, dropout: Any, attention: str) -> None:
@@ -44,12 +47,19 @@ def initializers(kernel_initializer, bias_initializer) -> dict:
 
 
 def attention_layer(kind: str, causal_state: bool, name: str, **kwargs) -> keras.layers.Layer:
-    """Linear (optionally the stateful causal layer) or Keras softmax MHA."""
+    """Linear (optionally the stateful causal layer, with any recurrence) or
+    Keras softmax MHA."""
     if kind == "softmax":
         kwargs.pop("feature_map", None)
         return keras.layers.MultiHeadAttention(name=name, **kwargs)
-    cls = CausalLinearAttention if causal_state else LinearMultiHeadAttention
-    return cls(name=name, **kwargs)
+    if causal_state:
+        return CausalLinearAttention(name=name, recurrence=kind, **kwargs)
+    if kind != "linear":
+        raise ValueError(
+            f"attention={kind!r} is a causal recurrence: it runs as the self-attention "
+            "of a `LinearTransformerDecoder` only. Use 'linear' or 'softmax' here."
+        )
+    return LinearMultiHeadAttention(name=name, **kwargs)
 
 
 class FeedForward(keras.layers.Layer):
@@ -82,6 +92,13 @@ def residual(x, sublayer, norm, norm_first: bool):
     return norm(x + sublayer(x))
 
 
+class _Untracked:
+    """Holds a layer out of sight of Keras's attribute tracking and saving."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
 class TransformerBlock(keras.layers.Layer):
     """Arguments, config and sublayer factories shared by the encoder and decoder."""
 
@@ -110,8 +127,10 @@ class TransformerBlock(keras.layers.Layer):
         self.norm_first = norm_first
         self.layer_norm_epsilon = layer_norm_epsilon
         self.attention = attention
-        # Kept as a config: each build makes its own φ layer (FAVOR has weights).
-        self.feature_map = fm_lib.serialize(fm_lib.get(feature_map))
+        # The instance itself, so a trained or customised φ keeps its weights.
+        # Held untracked: once built, it is the self-attention's (weights and
+        # saved paths as before), and Keras would otherwise walk it twice.
+        self._given_feature_map = _Untracked(fm_lib.get(feature_map))
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.supports_masking = True
@@ -124,16 +143,30 @@ class TransformerBlock(keras.layers.Layer):
         norm.build(shape)
         return norm
 
-    def _attention(self, name, causal_state, key_dim):
+    @property
+    def feature_map(self) -> dict:
+        """The config of φ (the instance is the self-attention's `feature_map`)."""
+        config = fm_lib.serialize(self._given_feature_map.value)
+        config.pop("build_config", None)  # the same config, built or not
+        return config
+
+    def _attention(self, name, causal_state, key_dim, own_feature_map=True, kind=None, **extra):
+        """An attention sublayer; the self-attention uses the φ instance the
+        block was given, any other one (cross-attention) a fresh φ from its
+        config, as one φ cannot serve two attention layers (`fm_lib.adopt`)."""
+        feature_map = self._given_feature_map.value
+        if not own_feature_map:
+            feature_map = fm_lib.get(self.feature_map)
         return attention_layer(
-            self.attention,
+            kind or self.attention,
             causal_state=causal_state,
             name=name,
             num_heads=self.num_heads,
             key_dim=key_dim,
             dropout=self.dropout,
-            feature_map=fm_lib.get(self.feature_map),
+            feature_map=feature_map,
             **self._initializers(),
+            **extra,
         )
 
     def _feedforward_layer(self, shape):

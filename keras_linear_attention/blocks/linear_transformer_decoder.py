@@ -16,7 +16,8 @@ class LinearTransformerDecoder(_sublayers.TransformerBlock):
     linear cross-attention to an encoder output, and a feed-forward sub-block.
 
     The self-attention is a `CausalLinearAttention`, so the block is also an
-    RNN: `return_state=True` returns its `(kv, k_sum)` state after the
+    RNN: `return_state=True` returns its state (`(kv, k_sum)` for
+    `attention="linear"`, see `CausalLinearAttention`) after the
     sequence, and `initial_state=` continues from it, one token at a time
     or in chunks, at a cost independent of the context length.
 
@@ -28,10 +29,16 @@ class LinearTransformerDecoder(_sublayers.TransformerBlock):
         activation: Feed-forward activation.
         norm_first: Pre-norm (True) or post-norm (False).
         layer_norm_epsilon: Epsilon of the layer norms.
-        attention: `"linear"` or `"softmax"` (Keras MHA with a causal mask,
+        attention: `"linear"`, one of the recurrences of
+            `CausalLinearAttention` (`"retention"`, `"gated"`, `"delta"`,
+            `"gated_delta"`), or `"softmax"` (Keras MHA with a causal mask,
             for comparisons; it has no recurrent state).
-        feature_map: φ for linear attention.
+        feature_map: φ for linear attention: a name, config, Keras layer or
+            callable. A layer instance is used, weights and all, by the
+            self-attention; the cross-attention gets a fresh φ from its config.
         kernel_initializer, bias_initializer: For every dense sublayer.
+        conv_size: Short convolution on q, k, v for the recurrences other
+            than "linear" (see `CausalLinearAttention`).
 
     Call arguments:
         inputs: `(B, T, dim)` float tensor.
@@ -66,6 +73,7 @@ class LinearTransformerDecoder(_sublayers.TransformerBlock):
         feature_map="elu",
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
+        conv_size: int | None = None,
         **kwargs,
     ):
         super().__init__(
@@ -83,17 +91,28 @@ class LinearTransformerDecoder(_sublayers.TransformerBlock):
             **kwargs,
         )
         self._cross_attention = None
+        if conv_size is not None and attention in ("linear", "softmax"):
+            raise ValueError(
+                "`conv_size` applies to the recurrences 'retention', 'gated', 'delta' and "
+                f"'gated_delta'; received it with attention={attention!r}."
+            )
+        self.conv_size = conv_size
 
     def build(self, inputs_shape, encoder_outputs_shape=None):
         key_dim = _sublayers.head_dim(inputs_shape[-1], self.num_heads, self.key_dim)
-        self._self_attention = self._attention("self_attention", True, key_dim)
-        if self.attention == "linear":
+        extra = {} if self.conv_size is None else {"conv_size": self.conv_size}
+        self._self_attention = self._attention("self_attention", True, key_dim, **extra)
+        if self.attention != "softmax":
             self._self_attention.build(inputs_shape)
         else:
             self._self_attention.build(inputs_shape, inputs_shape)
         self._self_attention_norm = self._norm("self_attention_norm", inputs_shape)
         if encoder_outputs_shape is not None:
-            self._cross_attention = self._attention("cross_attention", False, key_dim)
+            # Cross-attention has no recurrence: plain linear (or softmax).
+            kind = "softmax" if self.attention == "softmax" else "linear"
+            self._cross_attention = self._attention(
+                "cross_attention", False, key_dim, own_feature_map=False, kind=kind
+            )
             self._cross_attention.build(inputs_shape, encoder_outputs_shape)
             self._cross_attention_norm = self._norm("cross_attention_norm", inputs_shape)
         self._dropout_layer = keras.layers.Dropout(self.dropout)
@@ -154,9 +173,17 @@ class LinearTransformerDecoder(_sublayers.TransformerBlock):
             )
         if self.attention == "softmax" and (return_state or initial_state is not None):
             raise ValueError(
-                "`initial_state`/`return_state` need `attention='linear'`; softmax "
-                "attention has no recurrent state."
+                "`initial_state`/`return_state` need a linear attention (not "
+                "'softmax'); softmax attention has no recurrent state."
             )
+
+    def get_config(self):
+        return {**super().get_config(), "conv_size": self.conv_size}
+
+    @property
+    def self_attention(self) -> keras.layers.Layer:
+        """The causal self-attention sublayer (built with the block)."""
+        return self._self_attention
 
     def get_initial_state(self, batch_size):
         """Zero self-attention state for `batch_size` sequences."""

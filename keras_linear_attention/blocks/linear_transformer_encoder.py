@@ -28,7 +28,8 @@ class LinearTransformerEncoder(_sublayers.TransformerBlock):
         attention: `"linear"` (this package) or `"softmax"` (Keras MHA), so
             the same model can be trained both ways.
         causal: Attend only to positions j ≤ i.
-        feature_map: φ for linear attention (see `feature_maps.get`).
+        feature_map: φ for linear attention (see `feature_maps.get`); a layer
+            instance is used as is, weights and all, by the self-attention.
         kernel_initializer, bias_initializer: For every dense sublayer.
 
     Call arguments:
@@ -60,6 +61,11 @@ class LinearTransformerEncoder(_sublayers.TransformerBlock):
         bias_initializer="zeros",
         **kwargs,
     ):
+        if attention in _sublayers.RECURRENCES:
+            raise ValueError(
+                f"attention={attention!r} is a causal recurrence with a state: use "
+                "`LinearTransformerDecoder`. The encoder takes 'linear' or 'softmax'."
+            )
         super().__init__(
             num_heads,
             intermediate_dim,

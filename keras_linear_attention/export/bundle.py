@@ -7,7 +7,7 @@ import os
 
 import keras
 
-from keras_linear_attention.export import parity, tflite
+from keras_linear_attention.export import parity, signatures, tflite
 from keras_linear_attention.export.saved_model import export_saved_model
 
 
@@ -26,8 +26,9 @@ def export_bundle(
     """Export `model` into `out_dir` and check every file against Keras.
 
     Writes `out_dir/saved_model/` (signatures `serve`, plus `prefill`/`step`
-    for causal linear LMs), `out_dir/serve.<quantization>.tflite` and, for
-    LMs, `out_dir/step.<quantization>.tflite`, and `out_dir/summary.json`
+    for causal linear LMs), `out_dir/serve.<quantization>.tflite` (not for
+    delta-rule LMs: `summary["tflite_skipped"]` says why) and, for LMs,
+    `out_dir/step.<quantization>.tflite`, and `out_dir/summary.json`
     (file sizes, signatures, TFLite operators, max abs error against Keras on
     `sample`, random inputs by default). Returns the summary.
 
@@ -51,9 +52,10 @@ def export_bundle(
             "max_abs_error": parity.saved_model_errors(model, sm_dir, sample),
         },
         "tflite": {},
+        "tflite_skipped": signatures.tflite_limits(model),
     }
     checks = {"serve": parity.tflite_serve_error, "step": parity.tflite_step_error}
-    for key in [n for n in names if n in checks]:
+    for key in [n for n in names if n in checks and n not in summary["tflite_skipped"]]:
         for quantization in quantizations:
             flatbuffer = tflite.convert_to_tflite(sm_dir, key, quantization)
             path = os.path.join(out_dir, f"{key}.{quantization}.tflite")
@@ -84,6 +86,8 @@ def format_summary(summary: dict) -> str:
             f"TFLite {info['path']}  {info['bytes'] / 1e6:.2f} MB  "
             f"max |TFLite - Keras| {info['max_abs_error']:.2e}"
         )
+    for key, reason in summary.get("tflite_skipped", {}).items():
+        lines.append(f"TFLite {key}: not written: {reason}")
     ops = sorted({op for info in summary["tflite"].values() for op in info["ops"]})
     lines.append("TFLite operators (all builtin): " + " ".join(ops))
     return "\n".join(lines)

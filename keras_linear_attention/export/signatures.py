@@ -30,7 +30,7 @@ def recurrent_or_none(model: keras.Model) -> RecurrentLM | None:
 
 
 def state_names(runner: RecurrentLM) -> list[str]:
-    return [f"{kind}_{i}" for i in range(len(runner.decoders)) for kind in ("kv", "k_sum")]
+    return runner.state_names
 
 
 def state_specs(runner: RecurrentLM) -> list[tf.TensorSpec]:
@@ -48,7 +48,9 @@ def endpoints(model: keras.Model) -> dict:
     """`{name: (fn, input_signature)}`: `serve`, plus `prefill`/`step` for causal linear LMs.
 
     `prefill(token_ids (B, P))` → last-position logits and every block's
-    state; `step(token (B,), index (), *states)` → logits and new states.
+    state (`kv_i`, `k_sum_i`, or `state_i` for the decayed, gated and delta
+    recurrences); `step(token (B,), index (), *states)` → logits and new
+    states.
     """
     spec = serve_spec(model)
     result = {"serve": (lambda x: {"logits": model(x, training=False)}, [spec])}
@@ -68,3 +70,28 @@ def endpoints(model: keras.Model) -> dict:
     result["prefill"] = (prefill, [token_ids])
     result["step"] = (step, [token, index, *state_specs(runner)])
     return result
+
+
+def tflite_limits(model: keras.Model) -> dict:
+    """`{signature: reason}` for the signatures TFLite builtins cannot run.
+
+    The delta rule passes its state from chunk to chunk through a loop whose
+    per-chunk tensors have a run-time batch and length; TFLite's builtins
+    need those (TensorList) shapes static. Its `step` has no loop and
+    converts; `serve` (the whole sequence) does not.
+    """
+    runner = recurrent_or_none(model)
+    if runner is None:
+        return {}
+    delta = [
+        block.name
+        for block in runner.decoders
+        if getattr(block.self_attention, "recurrence", "linear") in ("delta", "gated_delta")
+    ]
+    if not delta:
+        return {}
+    return {
+        "serve": f"blocks {delta} use the delta rule, whose chunk scan needs TensorList ops "
+        "with run-time shapes (not TFLite builtins); use the SavedModel `serve`/`prefill` "
+        "and the TFLite `step`."
+    }

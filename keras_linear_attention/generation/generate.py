@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import keras
 import numpy as np
 from keras import ops
 
+from keras_linear_attention import _checks
 from keras_linear_attention.generation.recurrent_lm import RecurrentLM
 
 
@@ -19,7 +23,10 @@ def _select(logits, temperature: float, top_k: int, seed: tuple) -> np.ndarray:
     k = min(top_k, logits.shape[-1]) if top_k else logits.shape[-1]
     kth = ops.top_k(logits, k)[0][:, -1:]
     masked = ops.where(logits < kth, -np.inf, logits) / temperature
-    sampled = keras.random.categorical(masked, 1, seed=seed[0] * 1_000_003 + seed[1])
+    # One 32-bit key per (seed, step): the multiplier is odd, so distinct
+    # seeds never share a key at the same step.
+    key = (int(seed[0]) * 1_000_003 + int(seed[1])) % 2**32
+    sampled = keras.random.categorical(masked, 1, seed=key)
     return ops.convert_to_numpy(sampled[:, 0]).astype(np.int32)
 
 
@@ -48,16 +55,33 @@ def _tf_select(logits, temperature, top_k, seed) -> np.ndarray:
     return _TF_SELECT[0](logits, *args).numpy()
 
 
-def _check_args(prompts, max_new_tokens, temperature, top_k, max_length) -> None:
+def _check_prompts(prompts: np.ndarray, vocabulary_size: int) -> None:
     if prompts.ndim != 2 or prompts.shape[1] == 0 or not np.issubdtype(prompts.dtype, np.integer):
         raise ValueError(
             "`prompts` must be integer token ids shaped (batch, prompt_length>0); "
             f"received {prompts.dtype} {prompts.shape}."
         )
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"`max_new_tokens` must be an int >= 0; received {max_new_tokens!r}.")
-    if temperature < 0 or (top_k is not None and top_k <= 0):
-        raise ValueError("`temperature` must be >= 0 and `top_k` None or > 0.")
+    # The compiled step would clamp or wrap a bad id into a valid embedding.
+    bad = np.argwhere((prompts < 0) | (prompts >= vocabulary_size))
+    if len(bad):
+        row, col = bad[0]
+        raise ValueError(
+            f"`prompts` holds token id {prompts[row, col]} at [{row}, {col}], outside the "
+            f"vocabulary [0, {vocabulary_size}) (vocabulary_size={vocabulary_size})."
+        )
+
+
+def _check_args(runner: RecurrentLM, max_new_tokens, temperature, top_k, seed, stop) -> None:
+    _checks.check_int("max_new_tokens", max_new_tokens, 0)
+    _checks.check_int("top_k", top_k, 1, allow_none=True)
+    _checks.check_int("seed", seed, 0, 2**31)  # the TF sampler takes int32 seeds
+    _checks.check_int("stop_token_id", stop, 0, runner.vocabulary_size, allow_none=True)
+    real = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+    if not real or not 0 <= temperature < math.inf:
+        raise ValueError(f"`temperature` must be a finite number >= 0; received {temperature!r}.")
+
+
+def _check_length(prompts: np.ndarray, max_new_tokens: int, max_length: int | None) -> None:
     total = prompts.shape[1] + max_new_tokens
     if max_length is not None and total > max_length:
         raise ValueError(
@@ -88,11 +112,11 @@ def generate(
     Args:
         model: A `build_causal_lm` model (or a `RecurrentLM` around one, to
             reuse its compiled functions across calls).
-        prompts: `(B, P)` integer token ids, equal-length prompts.
+        prompts: `(B, P)` token ids in `[0, vocabulary_size)`, equal-length prompts.
         max_new_tokens: Tokens to add.
         temperature: 0 for greedy decoding.
         top_k: Sample among the k most likely tokens.
-        seed: Seed of the sampling.
+        seed: Seed of the sampling, in `[0, 2**31)`.
         stop_token_id: Token that ends a sequence.
 
     Returns:
@@ -107,12 +131,14 @@ def generate(
     """
     runner = model if isinstance(model, RecurrentLM) else RecurrentLM(model)
     prompts = np.asarray(prompts)
-    _check_args(prompts, max_new_tokens, temperature, top_k, runner.max_length)
+    _check_args(runner, max_new_tokens, temperature, top_k, seed, stop_token_id)
+    _check_prompts(prompts, runner.vocabulary_size)
+    _check_length(prompts, max_new_tokens, runner.max_length)
     tokens = [prompts.astype(np.int32)]
     if max_new_tokens == 0:
         return tokens[0]
     done = np.zeros(len(prompts), bool)
-    logits, states = runner.prefill(ops.convert_to_tensor(tokens[0]))
+    logits, states = runner.prefill(tokens[0])
     for i in range(max_new_tokens):
         token = _select(logits, temperature, top_k or 0, (seed, i))
         if stop_token_id is not None:
@@ -121,6 +147,5 @@ def generate(
         tokens.append(token[:, None])
         if done.all() or i == max_new_tokens - 1:
             break
-        index = ops.convert_to_tensor(prompts.shape[1] + i, "int32")
-        logits, states = runner.step(ops.convert_to_tensor(token), states, index)
+        logits, states = runner.step(token, states, prompts.shape[1] + i)
     return np.concatenate(tokens, axis=1)

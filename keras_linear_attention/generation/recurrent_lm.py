@@ -7,6 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from keras_linear_attention import _checks
 from keras_linear_attention.blocks.linear_transformer_decoder import LinearTransformerDecoder
 
 
@@ -19,6 +20,14 @@ def _compiled(fn, jit_compile: bool):
     import tensorflow as tf
 
     return tf.function(fn, jit_compile=jit_compile)
+
+
+def _int32(name: str, x: Any) -> Any:
+    """`x` as an int32 tensor; refuses floats rather than truncate them."""
+    x = ops.convert_to_tensor(x)
+    if "int" not in _checks.dtype_name(x):
+        raise TypeError(f"`{name}` must hold integers; received dtype {_checks.dtype_name(x)}.")
+    return ops.cast(x, "int32")
 
 
 def _optional_layer(model: keras.Model, name: str):
@@ -44,8 +53,8 @@ class RecurrentLM:
 
     >>> from keras_linear_attention.models import build_causal_lm
     >>> lm = RecurrentLM(build_causal_lm(20, max_length=16, hidden_dim=8, num_heads=2))
-    >>> logits, states = lm.prefill(ops.convert_to_tensor([[1, 2, 3]]))
-    >>> logits, states = lm.step(ops.convert_to_tensor([4]), states, 3)
+    >>> logits, states = lm.prefill([[1, 2, 3]])
+    >>> logits, states = lm.step([4], states, 3)
     >>> tuple(logits.shape)
     (1, 20)
     """
@@ -58,43 +67,87 @@ class RecurrentLM:
         self.head = model.get_layer("lm_head")
         self.decoders = [x for x in model.layers if isinstance(x, LinearTransformerDecoder)]
         self._check_decoders()
-        self.prefill = _compiled(self._prefill, jit_compile)
-        self.step = _compiled(self._step, jit_compile)
+        # Called with tensors only (see `prefill`/`step`): a Python int index
+        # would retrace, and under XLA recompile, for every position.
+        self._prefill_fn = _compiled(self._prefill, jit_compile)
+        self._step_fn = _compiled(self._step, jit_compile)
 
     def _check_decoders(self) -> None:
         if not self.decoders:
             raise ValueError("The model has no `LinearTransformerDecoder` blocks.")
         for block in self.decoders:
-            if block.attention != "linear" or block._cross_attention is not None:
+            if block.attention == "softmax" or block._cross_attention is not None:
                 raise ValueError(
                     f"Block {block.name!r} cannot run as an RNN: recurrent generation "
-                    "needs attention='linear' and no cross-attention."
+                    "needs a linear attention (not 'softmax') and no cross-attention."
                 )
 
     @property
     def max_length(self) -> int | None:
         return getattr(self.position_embedding, "max_length", None)
 
+    @property
+    def vocabulary_size(self) -> int:
+        """Token ids must lie in `[0, vocabulary_size)`."""
+        return self.token_embedding.input_dim
+
+    def prefill(self, tokens) -> tuple:
+        """Last-position logits `(B, V)` and the states after the `(B, P)` `tokens`."""
+        return self._prefill_fn(_int32("tokens", tokens))
+
+    def step(self, token, states, index) -> tuple:
+        """Logits `(B, V)` and new states after one token per sequence at `index`
+        (any int or scalar tensor: it is passed as a tensor, so never retraces)."""
+        index = _int32("index", index)
+        self._check_index(index)
+        return self._step_fn(_int32("token", token), tuple(states), index)
+
+    def _check_index(self, index) -> None:
+        """A concrete index is checked here; a traced one by the position layer."""
+        if len(index.shape) != 0:
+            raise ValueError(f"`index` must be a scalar; received shape {tuple(index.shape)}.")
+        if not _checks.is_concrete(index):
+            return
+        limit = self.max_length
+        if int(index) < 0 or (limit is not None and int(index) >= limit):
+            raise ValueError(
+                f"`index` must lie in [0, {limit or 'inf'}) (max_length={limit}); "
+                f"received {int(index)}."
+            )
+
     def initial_state(self, batch_size: Any) -> tuple:
-        """Zero states for `batch_size` sequences: `(kv_0, k_sum_0, kv_1, ...)`."""
+        """Zero states for `batch_size` sequences, flat: `(kv_0, k_sum_0, kv_1, ...)`
+        (one `state_i` per block for the recurrences other than "linear")."""
         return tuple(t for block in self.decoders for t in block.get_initial_state(batch_size))
+
+    @property
+    def state_names(self) -> list[str]:
+        """Names of the flat states, e.g. `["kv_0", "k_sum_0", "state_1"]`."""
+        return [
+            f"{name}_{i}"
+            for i, block in enumerate(self.decoders)
+            for name in block.self_attention.state_names
+        ]
 
     def run(self, tokens, states: tuple, start_index) -> tuple:
         """Logits `(B, T, V)` for `tokens` continuing from `states` at `start_index`."""
-        if len(states) != 2 * len(self.decoders):
+        names = self.state_names
+        if len(states) != len(names):
             raise ValueError(
-                f"`states` must hold {2 * len(self.decoders)} tensors (kv, k_sum per "
-                f"block, {len(self.decoders)} blocks); received {len(states)}."
+                f"`states` must hold {len(names)} tensors ({', '.join(names)}); "
+                f"received {len(states)}."
             )
         x = self.token_embedding(tokens)
         if self.position_embedding is not None:
             x = x + self.position_embedding(x, start_index=start_index)
-        new_states = []
-        for i, block in enumerate(self.decoders):
-            x, (kv, k_sum) = block(
-                x, initial_state=(states[2 * i], states[2 * i + 1]), return_state=True
+        new_states, start = [], 0
+        for block in self.decoders:
+            count = len(block.self_attention.state_names)
+            x, state = block(
+                x, initial_state=tuple(states[start : start + count]), return_state=True
             )
-            new_states += [kv, k_sum]
+            new_states += list(state)
+            start += count
         return self.head(self.final_norm(x)), tuple(new_states)
 
     def _prefill(self, tokens):

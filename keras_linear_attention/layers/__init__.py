@@ -6,10 +6,12 @@ from keras_linear_attention.layers.position_embedding import (
     PositionEmbedding,
     SinusoidalPositionEmbedding,
 )
+from keras_linear_attention.layers.short_convolution import ShortConvolution
 
 __all__ = [
     "CausalLinearAttention",
     "LinearMultiHeadAttention",
     "PositionEmbedding",
+    "ShortConvolution",
     "SinusoidalPositionEmbedding",
 ]

@@ -57,8 +57,14 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         query_mask: `(B, T)`; marks padded queries. Their outputs are
             computed like any other and the mask is propagated.
         value_mask, key_mask: `(B, S)`; padded keys are removed from the sums.
-        attention_mask: Key padding only: `(B, S)`, `(B, 1, S)`, or
-            `(B, T, S)` with identical rows. Anything else raises.
+        attention_mask: Read as Keras reads it: `(T, S)` (shared by every
+            batch row), `(B, T, S)` or `(B, heads, T, S)`, where B, heads
+            and T may be 1. Linear attention computes key padding: all
+            query rows (and heads) must be identical, or, with
+            `use_causal_mask=True`, identical on and below the diagonal
+            (padding & causal, as keras-hub builds it). Anything else
+            raises; rows are compared at run time (in graphs an assertion,
+            under XLA a NaN output), which reads the T×S mask once.
         return_attention_scores: Also return the normalised `(B, H, T, S)`
             kernel-attention matrix. This is a quadratic-cost diagnostic.
         training: Enables dropout and random-feature redraws.
@@ -108,7 +114,8 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         self._flash_attention = False
         self._eps = float(eps)
         self._chunk_size = chunk_size
-        self._feature_map = fm_lib.get(feature_map)
+        # One attention layer per φ instance: shared, it would not reload.
+        self._feature_map = fm_lib.adopt(fm_lib.get(feature_map), self)
 
     @property
     def feature_map(self) -> keras.layers.Layer:
@@ -214,7 +221,8 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
             result = self._causal_attention(q, k, v, key_padding, initial_state, return_state)
             out, state = result if return_state else (result, None)
         else:
-            phi_q, phi_k = self._feature_map(q), self._feature_map(k)
+            phi_q = fm_lib.apply(self._feature_map, q, "query")
+            phi_k = fm_lib.apply(self._feature_map, k, "key")
             out = la_ops.linear_attention(phi_q, phi_k, v, key_mask=key_padding, eps=self._eps)
         out = ops.reshape(out, _concat_shape(ops.shape(out)[:1], q_positions, out.shape[-2:]))
         if gate is not None:
@@ -223,8 +231,8 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         scores = None
         if return_scores:
             scores = la_ops.kernel_attention_scores(
-                self._feature_map(q),
-                self._feature_map(k),
+                fm_lib.apply(self._feature_map, q, "query"),
+                fm_lib.apply(self._feature_map, k, "key"),
                 key_mask=key_padding,
                 causal=causal,
                 eps=self._eps,
@@ -250,7 +258,10 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
                 q, k, v, self._feature_map, **kwargs
             )
         return la_ops.causal_linear_attention(
-            self._feature_map(q), self._feature_map(k), v, **kwargs
+            fm_lib.apply(self._feature_map, q, "query"),
+            fm_lib.apply(self._feature_map, k, "key"),
+            v,
+            **kwargs,
         )
 
     def _check_inputs(self, query, value, key):
@@ -304,7 +315,7 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         factor = None
         if attention_mask is not None:
             row, factor = _masks.key_padding_from_attention_mask(
-                attention_mask, _num_positions(query), _num_positions(value), causal
+                attention_mask, query, value, self._num_heads, causal
             )
             masks.append(row)
         return _masks.combine(*masks), factor

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any
 
 import keras
 from keras import ops
 
 from keras_linear_attention import _checks
+from keras_linear_attention.ops._common import guard
 
 PACKAGE = "keras_linear_attention"
 
@@ -16,6 +19,34 @@ def _positions(inputs, start_index):
     """Integer positions `start_index + [0, T)` for `(B, T, ...)` inputs."""
     length = ops.shape(inputs)[1]
     return ops.arange(length, dtype="int32") + ops.cast(start_index, "int32")
+
+
+def _range_factor(inputs, start_index, max_length: int | None) -> Any:
+    """Refuse positions `start_index + [0, T)` outside `[0, max_length)`.
+
+    A Python int with a known `T` is checked now; otherwise (a tensor index,
+    as in `step`) at run time, since a bad index would otherwise wrap round
+    (negative) or fail deep in a gather. Returns None or the 1.0/NaN factor
+    of `_checks.assert_at_runtime` for the output (XLA drops the assertion).
+    """
+    length, limit = inputs.shape[1], "inf" if max_length is None else max_length
+    if isinstance(start_index, numbers.Integral) and (length is not None or max_length is None):
+        end = start_index + (length or 0)
+        if start_index < 0 or (max_length is not None and end > max_length):
+            raise ValueError(
+                f"`start_index`={start_index} with sequence length {length}: positions "
+                f"must lie in [0, {limit}) (max_length={max_length})."
+            )
+        return None
+    start = ops.cast(start_index, "int32")
+    ok = start >= 0
+    if max_length is not None:
+        ok = ops.logical_and(ok, start + ops.shape(inputs)[1] <= max_length)
+    return _checks.assert_at_runtime(
+        ok,
+        f"Position index out of range: `start_index` + [0, sequence length) must lie "
+        f"in [0, {limit}) (max_length={max_length}).",
+    )
 
 
 def _broadcast(table, inputs):
@@ -35,6 +66,7 @@ class PositionEmbedding(keras.layers.Layer):
         inputs: `(B, T, dim)` tensor; only its shape is used.
         start_index: Position of the first token (an int or scalar tensor);
             non-zero when stepping through a sequence one token at a time.
+            Positions outside `[0, max_length)` raise (NaN output under XLA).
 
     Example:
 
@@ -62,9 +94,10 @@ class PositionEmbedding(keras.layers.Layer):
             raise ValueError(
                 f"Sequence length {inputs.shape[1]} exceeds `max_length`={self.max_length}."
             )
-        # Stepping past max_length is refused by `generate` before tracing.
-        positions = _positions(inputs, start_index)
-        table = ops.take(self.embeddings, positions, axis=0)
+        factor = _range_factor(inputs, start_index, self.max_length)
+        # Clipped so that a bad index reaches the check, not a gather error.
+        positions = ops.clip(_positions(inputs, start_index), 0, self.max_length - 1)
+        table = guard(ops.take(self.embeddings, positions, axis=0), factor)
         return _broadcast(ops.cast(table, self.compute_dtype), inputs)
 
     def compute_output_shape(self, inputs_shape):
@@ -87,7 +120,8 @@ class SinusoidalPositionEmbedding(keras.layers.Layer):
 
     Call arguments:
         inputs: `(B, T, dim)` tensor with an even `dim`; only its shape is used.
-        start_index: Position of the first token (an int or scalar tensor).
+        start_index: Position of the first token (an int or scalar tensor),
+            >= 0.
 
     Example:
 
@@ -109,10 +143,11 @@ class SinusoidalPositionEmbedding(keras.layers.Layer):
 
     def call(self, inputs, start_index=0):
         dim = inputs.shape[-1]
+        factor = _range_factor(inputs, start_index, None)
         positions = ops.expand_dims(ops.cast(_positions(inputs, start_index), "float32"), 1)
         exponents = ops.arange(dim // 2, dtype="float32") * (2.0 / dim)
         angles = positions * ops.exp(-math.log(self.max_wavelength) * exponents)
-        table = ops.stack([ops.sin(angles), ops.cos(angles)], axis=-1)
+        table = guard(ops.stack([ops.sin(angles), ops.cos(angles)], axis=-1), factor)
         return _broadcast(ops.cast(ops.reshape(table, (-1, dim)), self.compute_dtype), inputs)
 
     def compute_output_shape(self, inputs_shape):

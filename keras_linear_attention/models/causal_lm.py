@@ -20,12 +20,13 @@ def build_causal_lm(
     feature_map="elu",
     attention: str = "linear",
     position: str = "learned",
+    conv_size: int | None = None,
     name: str = "linear_transformer_lm",
 ) -> keras.Model:
     """A functional causal language model: token ids `(B, N)` → logits `(B, N, V)`.
 
-    Position i's logits predict token i+1 from tokens ≤ i. With
-    `attention="linear"` the model is also an RNN: `keras_linear_attention.
+    Position i's logits predict token i+1 from tokens ≤ i. With any
+    attention but `"softmax"` the model is also an RNN: `keras_linear_attention.
     generation.RecurrentLM(model)` prefills a prompt in parallel and then
     steps one token at a time with a constant-size state (see `generate`).
     Layer names (`token_embedding`, `position_embedding`, `decoder_i`,
@@ -40,8 +41,12 @@ def build_causal_lm(
         intermediate_dim: Feed-forward width (default `4 * hidden_dim`).
         dropout: Dropout rate.
         feature_map: φ of linear attention.
-        attention: `"linear"`, or `"softmax"` for the same model with Keras MHA.
+        attention: `"linear"`, a recurrence (`"retention"`, `"gated"`,
+            `"delta"`, `"gated_delta"`: see `CausalLinearAttention`), or
+            `"softmax"` for the same model with Keras MHA.
         position: `"learned"`, `"sinusoidal"` or `"none"`.
+        conv_size: Short convolution on q, k, v (recurrences other than
+            "linear" only; see `CausalLinearAttention`).
         name: Model name.
 
     Example:
@@ -68,6 +73,7 @@ def build_causal_lm(
             dropout=dropout,
             attention=attention,
             feature_map=feature_map,
+            conv_size=conv_size,
             name=f"decoder_{i}",
         )(x)
     x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)

@@ -6,6 +6,12 @@ Inputs are already feature-mapped: `phi_q = φ(Q)`, `phi_k = φ(K)`.
 from keras_linear_attention.ops._common import DEFAULT_EPS
 from keras_linear_attention.ops.causal import DEFAULT_CHUNK_SIZE, causal_linear_attention
 from keras_linear_attention.ops.noncausal import linear_attention
+from keras_linear_attention.ops.recurrences import (
+    delta_rule_attention,
+    delta_rule_step,
+    gated_linear_attention,
+    gated_linear_attention_step,
+)
 from keras_linear_attention.ops.recurrent import (
     initial_state,
     linear_attention_step,
@@ -17,6 +23,10 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_EPS",
     "causal_linear_attention",
+    "delta_rule_attention",
+    "delta_rule_step",
+    "gated_linear_attention",
+    "gated_linear_attention_step",
     "initial_state",
     "kernel_attention_scores",
     "linear_attention",

@@ -98,9 +98,15 @@ def to_chunks(x: Any, chunk: int) -> Any:
 
 def from_chunks(x: Any, batch: Any, length: Any, heads: int) -> Any:
     """Inverse of `to_chunks`: `(B*H*n, C, F)` -> `(B, length, H, F)`."""
-    x = ops.reshape(x, (batch, heads, -1, x.shape[1], x.shape[2]))
+    x = ops.reshape(x, (batch, heads, -1, chunk_length(x), x.shape[2]))
     x = ops.transpose(x, (0, 2, 3, 1, 4))
     return ops.reshape(x, (batch, -1, heads, x.shape[4]))[:, :length]
+
+
+def chunk_length(x: Any) -> Any:
+    """C of a chunked `(G*n, C, F)` tensor: static, or (for a sequence length
+    unknown until run time, see `ops.causal`) a scalar tensor."""
+    return x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
 
 
 def _flat_or_none(state: Any, groups: Any) -> Any:
@@ -132,7 +138,7 @@ def chunked_causal_attention(
     """
     swap = lambda x: ops.swapaxes(x, 1, 2)  # noqa: E731
     batch, length, heads = shape
-    chunk, feat, vdim = q.shape[1], q.shape[2], v.shape[2]
+    chunk, feat, vdim = chunk_length(q), q.shape[2], v.shape[2]
     groups = batch * heads
     tril = ops.tril(ops.ones((chunk, chunk), q.dtype))
 

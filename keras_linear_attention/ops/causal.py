@@ -17,6 +17,7 @@ from typing import Any
 from keras import ops
 
 from keras_linear_attention import _checks
+from keras_linear_attention import feature_maps as fm_lib
 from keras_linear_attention.ops import _chunked, _common
 
 DEFAULT_CHUNK_SIZE = 64
@@ -101,14 +102,14 @@ def _chunkwise(q, k, value, feature_map, key_mask, initial_state, chunk_size, ep
     _checks.check_dim(f"{names[0]} length", q.shape[1], f"{names[1]} length", k.shape[1])
     _checks.check_positive_int("chunk_size", chunk_size)
     length = q.shape[1]
-    chunk = min(chunk_size, length) if length is not None else chunk_size
+    chunk = chunk_length(chunk_size, q)
     shape = (ops.shape(q)[0], ops.shape(q)[1], q.shape[2])
     factor = _common.nonempty_factor(k, names[1])
     if key_mask is not None:
         _common.check_key_mask(key_mask, length, names[1])
     q, k, v = (_chunked.to_chunks(t, chunk) for t in (q, k, value))
     if feature_map is not None:
-        q, k = feature_map(q), feature_map(k)
+        q, k = fm_lib.apply(feature_map, q, "query"), fm_lib.apply(feature_map, k, "key")
     acc = _common.accumulation_dtype(q, k, v)
     q, k, v = _common.cast_all(acc, q, k, v)
     pads = feature_map is not None and (length is None or length % chunk != 0)
@@ -118,6 +119,20 @@ def _chunkwise(q, k, value, feature_map, key_mask, initial_state, chunk_size, ep
     out, kv, k_sum = _chunked.chunked_causal_attention(q, k, v, kv0, k_sum0, shape, eps)
     out = ops.cast(_common.guard(out, factor), value.dtype)
     return (out, (kv, k_sum)) if return_state else out
+
+
+def chunk_length(chunk_size: int, x: Any) -> Any:
+    """`min(chunk_size, N)`: a chunk never exceeds the sequence.
+
+    Padding N up to a larger chunk costs C×C work per chunk for nothing (a
+    chunk of 4096 at N = 13), and a huge one cannot even be built. With N
+    unknown until run time (a `tf.function` over any length), C is then a
+    scalar tensor and the chunked shapes are dynamic.
+    """
+    length = x.shape[1]
+    if length is not None:
+        return min(chunk_size, length)
+    return ops.minimum(ops.shape(x)[1], chunk_size)
 
 
 def _mask_chunked_keys(k, v, key_mask, shape, chunk, pads):
@@ -140,7 +155,12 @@ def _mask_chunked_keys(k, v, key_mask, shape, chunk, pads):
 
 def check_state(state: tuple | None, dims: tuple, acc: str) -> tuple:
     """Validate an `(kv, k_sum)` state against `dims = (batch, heads,
-    feature_dim, value_dim)` of the keys and values it continues."""
+    feature_dim, value_dim)` of the keys and values it continues.
+
+    A dim may be an int or, where the inputs' shape is known only at run
+    time (a `tf.function` over any batch, the exported `step`), a scalar
+    tensor: that comparison then runs in the graph, with the same message.
+    """
     if state is None:
         return None, None
     if not isinstance(state, (tuple, list)) or len(state) != 2:
@@ -149,20 +169,12 @@ def check_state(state: tuple | None, dims: tuple, acc: str) -> tuple:
             f"(batch, heads, feature_dim, value_dim) and (batch, heads, "
             f"feature_dim); received {type(state).__name__}."
         )
-    kv, k_sum = (ops.convert_to_tensor(s) for s in state)
-    expected_kv, expected_sum = tuple(dims), tuple(dims[:3])
+    checked = []
     for name, s, expected in (
-        ("initial_state[0] (kv)", kv, expected_kv),
-        ("initial_state[1] (k_sum)", k_sum, expected_sum),
+        ("initial_state[0] (kv)", state[0], tuple(dims)),
+        ("initial_state[1] (k_sum)", state[1], tuple(dims[:3])),
     ):
+        s = ops.convert_to_tensor(s)
         _checks.check_float(name, s)
-        ok = len(s.shape) == len(expected) and all(
-            a is None or b is None or a == b for a, b in zip(s.shape, expected, strict=True)
-        )
-        if not ok:
-            raise ValueError(
-                f"`{name}` must have shape {expected} (batch, heads, "
-                f"feature_dim{', value_dim' if len(expected) == 4 else ''}); "
-                f"received {tuple(s.shape)}."
-            )
-    return ops.cast(kv, acc), ops.cast(k_sum, acc)
+        checked.append(ops.cast(_common.check_state_shape(name, s, expected), acc))
+    return tuple(checked)

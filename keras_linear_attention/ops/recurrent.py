@@ -59,7 +59,7 @@ def linear_attention_step(
     acc = _common.accumulation_dtype(phi_q, phi_k, value)
     phi_q, phi_k, value = _common.cast_all(acc, phi_q, phi_k, value)
     kv, k_sum = check_state(
-        state, (phi_k.shape[0], phi_k.shape[1], phi_k.shape[2], value.shape[2]), acc
+        state, (ops.shape(phi_k)[0], phi_k.shape[1], phi_k.shape[2], value.shape[2]), acc
     )
     kv = kv + ops.einsum("bhd,bhm->bhdm", phi_k, value)
     k_sum = k_sum + phi_k
@@ -95,7 +95,7 @@ def recurrent_linear_attention(
         b, h, d, m = ops.shape(phi_k)[0], phi_k.shape[2], phi_k.shape[3], value.shape[3]
         initial_state = (ops.zeros((b, h, d, m), acc), ops.zeros((b, h, d), acc))
     state = check_state(
-        initial_state, (phi_k.shape[0], phi_k.shape[2], phi_k.shape[3], value.shape[3]), acc
+        initial_state, (ops.shape(phi_k)[0], phi_k.shape[2], phi_k.shape[3], value.shape[3]), acc
     )
 
     def step(carry, inputs):
