@@ -98,6 +98,18 @@ def test_saved_model_step_refuses_an_index_outside_the_positions(lm_export, inde
         _step_with_index(lm_export, index)
 
 
+def test_saved_model_step_names_a_state_of_another_batch(lm_export):
+    """States for one batch size with tokens of another: the graph assertion
+    names the state (it was "Incompatible shapes" deep inside TF)."""
+    _, out_dir, x = lm_export
+    sigs = tf.saved_model.load(str(out_dir / "saved_model")).signatures
+    states = sigs["prefill"](token_ids=tf.constant(x[:, :-1]))
+    states = {k: v for k, v in states.items() if k != "logits"}
+    token = tf.constant(np.concatenate([x[:, -1], x[:, -1]]))  # twice the batch
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"`initial_state\[0\] \(kv\)`"):
+        sigs["step"](token=token, index=tf.constant(x.shape[1] - 1), **states)
+
+
 @pytest.mark.parametrize("index", [-1, 512])
 def test_tflite_step_gives_nan_for_an_index_outside_the_positions(lm_export, index):
     """TFLite drops the assertion; the NaN factor still makes the result loud."""
