@@ -177,11 +177,18 @@ def test_recurrence_lm_generates_as_it_recomputes(recurrence):
     keras.utils.set_random_seed(2)
     model = kla.build_causal_lm(19, max_length=32, hidden_dim=16, num_heads=2, attention=recurrence)
     prompts = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+    np.testing.assert_array_equal(
+        generate(model, prompts, 6), _greedy_by_recomputing(model, prompts, 6)
+    )
+
+
+def _greedy_by_recomputing(model, prompts, steps):
+    """Greedy decoding that re-runs the parallel model on the whole prefix."""
     tokens = prompts
-    for _ in range(6):
+    for _ in range(steps):
         logits = ops.convert_to_numpy(model(tokens))[:, -1]
         tokens = np.concatenate([tokens, logits.argmax(-1)[:, None].astype(np.int32)], axis=1)
-    np.testing.assert_array_equal(generate(model, prompts, 6), tokens)
+    return tokens
 
 
 @pytest.fixture
@@ -212,11 +219,7 @@ def test_fit_trains_and_save_load_round_trips(lm, tmp_path):
 
 def test_greedy_generation_equals_parallel_recomputation(lm):
     prompts = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
-    tokens = prompts
-    for _ in range(8):
-        logits = ops.convert_to_numpy(lm(tokens))[:, -1]
-        tokens = np.concatenate([tokens, logits.argmax(-1)[:, None].astype(np.int32)], axis=1)
-    np.testing.assert_array_equal(generate(lm, prompts, 8), tokens)
+    np.testing.assert_array_equal(generate(lm, prompts, 8), _greedy_by_recomputing(lm, prompts, 8))
 
 
 def test_prefill_then_steps_equals_parallel_logits(lm):

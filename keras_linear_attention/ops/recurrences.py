@@ -135,7 +135,7 @@ def delta_rule_step(q: Any, k: Any, v: Any, beta: Any, log_gate: Any, state: Any
     for name, x in (("q", q), ("k", k), ("v", v)):
         _checks.check_float(name, x)
         _checks.check_rank(name, x, 3, "(batch, heads, dim)")
-    acc = _common.accumulation_dtype(q, k, v)
+    acc, out_dtype = _common.accumulation_dtype(q, k, v), v.dtype
     q, k, v = _common.cast_all(acc, q, k, v)
     dims = (ops.shape(k)[0], k.shape[1], k.shape[2], v.shape[2])
     state = check_recurrent_state(state, dims, acc)
@@ -146,7 +146,7 @@ def delta_rule_step(q: Any, k: Any, v: Any, beta: Any, log_gate: Any, state: Any
         recalled = ops.einsum("bhd,bhdm->bhm", k, state)
         v = beta * (v - recalled)
     state = state + ops.einsum("bhd,bhm->bhdm", k, v)
-    return ops.cast(ops.einsum("bhd,bhdm->bhm", q, state), v.dtype), state
+    return ops.cast(ops.einsum("bhd,bhdm->bhm", q, state), out_dtype), state
 
 
 def _per_token(x: Any, name: str, dims: tuple, acc: str) -> Any:
