@@ -53,7 +53,7 @@ def key_padding_from_attention_mask(
     mask = ops.cast(ops.convert_to_tensor(attention_mask), "bool")
     hint = " (on and below the diagonal)" if causal else ""
     mask = _as_batch_heads_rows_keys(mask, query, value, hint)
-    batch, heads, rows, _ = mask.shape
+    _, heads, rows, _ = mask.shape
     conditions, messages = [], []
     _check_axis(mask, 0, "batch", ops.shape(query)[0], conditions, messages, hint)
     _check_axis(mask, 1, "heads", num_heads, conditions, messages, hint)
