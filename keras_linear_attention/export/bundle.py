@@ -35,7 +35,7 @@ def export_bundle(
     Example:
 
     >>> from keras_linear_attention.models import build_sequence_classifier
-    >>> model = build_sequence_classifier(3, feature_dim=4, max_length=8)
+    >>> model = build_sequence_classifier(3, feature_dim=4, max_length=16)
     >>> summary = export_bundle(model, "/tmp/kla_doctest_bundle", ("float32",))
     >>> summary["saved_model"]["signatures"]
     ['serve']
