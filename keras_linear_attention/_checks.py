@@ -80,13 +80,7 @@ def assert_at_runtime(condition: Any, message: str) -> Any:
     into its output, so a violated condition is never silent under XLA,
     which drops assertion ops.
     """
-    if is_concrete(condition):
-        if not bool(ops.all(condition)):
-            raise ValueError(message)
-    elif keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        tf.debugging.Assert(ops.all(condition), [message])
+    _assert(condition, message)
     return ops.where(ops.all(condition), 1.0, float("nan"))
 
 
@@ -99,20 +93,32 @@ def checked(x: Any, condition: Any, message: str, *data: Any) -> Any:
     (for other dtypes the caller keeps a factor). `data` (tensors) are
     printed after `message` when the assertion fails.
     """
+    assertion = _assert(condition, message, *data)
+    if is_concrete(condition):
+        return x
+    if assertion is not None:
+        import tensorflow as tf
+
+        with tf.control_dependencies([assertion]):
+            x = tf.identity(x)
+    if "float" not in dtype_name(x):
+        return x
+    return x * ops.cast(ops.where(ops.all(condition), 1.0, float("nan")), x.dtype)
+
+
+def _assert(condition: Any, message: str, *data: Any) -> Any:
+    """Raise `ValueError(message)` now if `condition` is concrete and false;
+    in a TensorFlow graph, return the assertion op (`data` printed after
+    `message`); else None."""
     if is_concrete(condition):
         if not bool(ops.all(condition)):
             raise ValueError(message)
-        return x
-    factor = ops.where(ops.all(condition), 1.0, float("nan"))
-    is_float = "float" in dtype_name(x)
-    poison = (lambda y: y * ops.cast(factor, y.dtype)) if is_float else (lambda y: y)  # noqa: E731
+        return None
     if keras.backend.backend() != "tensorflow":
-        return poison(x)
+        return None
     import tensorflow as tf
 
-    assertion = tf.debugging.Assert(ops.all(condition), [message, *data])
-    with tf.control_dependencies([assertion]):
-        return poison(tf.identity(x))
+    return tf.debugging.Assert(ops.all(condition), [message, *data])
 
 
 def check_int(

@@ -196,12 +196,12 @@ def test_chunk_larger_than_a_dynamic_length(rng, mode, chunk_size):
 
 
 def test_chunk_length_never_exceeds_the_sequence():
-    from keras_linear_attention.ops.causal import chunk_length
+    from keras_linear_attention.ops._chunked import chunk_for
 
-    dynamic = tf.function(lambda x: chunk_length(4096, x), input_signature=[SPEC_BT8])
+    dynamic = tf.function(lambda x: chunk_for(4096, x), input_signature=[SPEC_BT8])
     assert int(dynamic(tf.zeros((1, 13, 8)))) == 13
     assert int(dynamic(tf.zeros((1, 5000, 8)))) == 4096
-    assert chunk_length(4096, tf.zeros((1, 13, 8))) == 13
+    assert chunk_for(4096, tf.zeros((1, 13, 8))) == 13
 
 
 def _bad_batch_state_cases():

@@ -8,12 +8,13 @@ import keras
 
 from keras_linear_attention import _checks
 from keras_linear_attention import feature_maps as fm_lib
+from keras_linear_attention.layers import _recurrence
 from keras_linear_attention.layers.causal_linear_attention import CausalLinearAttention
 from keras_linear_attention.layers.linear_multi_head_attention import LinearMultiHeadAttention
 
 # "linear" and "softmax" attend in any block; the other recurrences
 # (`CausalLinearAttention(recurrence=...)`) are causal self-attention only.
-RECURRENCES = ("retention", "gated", "delta", "gated_delta")
+RECURRENCES = tuple(r for r in _recurrence.RECURRENCES if r != "linear")
 ATTENTION_KINDS = ("linear", "softmax", *RECURRENCES)
 
 

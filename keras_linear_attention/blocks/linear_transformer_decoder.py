@@ -91,7 +91,7 @@ class LinearTransformerDecoder(_sublayers.TransformerBlock):
             **kwargs,
         )
         self._cross_attention = None
-        if conv_size is not None and attention in ("linear", "softmax"):
+        if conv_size is not None and attention not in _sublayers.RECURRENCES:
             raise ValueError(
                 "`conv_size` applies to the recurrences 'retention', 'gated', 'delta' and "
                 f"'gated_delta'; received it with attention={attention!r}."

@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from keras_linear_attention.generation.recurrent_lm import RecurrentLM
+from keras_linear_attention.layers import _recurrence
 
 
 def serve_spec(model: keras.Model) -> tf.TensorSpec:
@@ -86,7 +87,7 @@ def tflite_limits(model: keras.Model) -> dict:
     delta = [
         block.name
         for block in runner.decoders
-        if getattr(block.self_attention, "recurrence", "linear") in ("delta", "gated_delta")
+        if getattr(block.self_attention, "recurrence", "linear") in _recurrence.DELTA
     ]
     if not delta:
         return {}

@@ -84,6 +84,21 @@ def _chunk_suffix(per_chunk: Any, groups: Any, final: Any) -> tuple:
     return ops.reshape(suffix, (-1, *inner)), suffix[:, 0] + flat[:, 0]
 
 
+def chunk_for(chunk_size: int, x: Any) -> Any:
+    """The chunk length for a `(B, N, ...)` sequence, `min(chunk_size, N)`:
+    a chunk never exceeds the sequence.
+
+    Padding N up to a larger chunk costs C×C work per chunk for nothing (a
+    chunk of 4096 at N = 13), and a huge one cannot even be built. With N
+    unknown until run time (a `tf.function` over any length), C is then a
+    scalar tensor and the chunked shapes are dynamic.
+    """
+    length = x.shape[1]
+    if length is not None:
+        return min(chunk_size, length)
+    return ops.minimum(ops.shape(x)[1], chunk_size)
+
+
 def to_chunks(x: Any, chunk: int) -> Any:
     """(B, N, H, F) -> (B*H*n, C, F): zero-pad N to n*C, group by head.
 

@@ -102,7 +102,7 @@ def _chunkwise(q, k, value, feature_map, key_mask, initial_state, chunk_size, ep
     _checks.check_dim(f"{names[0]} length", q.shape[1], f"{names[1]} length", k.shape[1])
     _checks.check_positive_int("chunk_size", chunk_size)
     length = q.shape[1]
-    chunk = chunk_length(chunk_size, q)
+    chunk = _chunked.chunk_for(chunk_size, q)
     shape = (ops.shape(q)[0], ops.shape(q)[1], q.shape[2])
     factor = _common.nonempty_factor(k, names[1])
     if key_mask is not None:
@@ -119,20 +119,6 @@ def _chunkwise(q, k, value, feature_map, key_mask, initial_state, chunk_size, ep
     out, kv, k_sum = _chunked.chunked_causal_attention(q, k, v, kv0, k_sum0, shape, eps)
     out = ops.cast(_common.guard(out, factor), value.dtype)
     return (out, (kv, k_sum)) if return_state else out
-
-
-def chunk_length(chunk_size: int, x: Any) -> Any:
-    """`min(chunk_size, N)`: a chunk never exceeds the sequence.
-
-    Padding N up to a larger chunk costs C×C work per chunk for nothing (a
-    chunk of 4096 at N = 13), and a huge one cannot even be built. With N
-    unknown until run time (a `tf.function` over any length), C is then a
-    scalar tensor and the chunked shapes are dynamic.
-    """
-    length = x.shape[1]
-    if length is not None:
-        return min(chunk_size, length)
-    return ops.minimum(ops.shape(x)[1], chunk_size)
 
 
 def _mask_chunked_keys(k, v, key_mask, shape, chunk, pads):

@@ -39,7 +39,7 @@ from keras import ops
 
 from keras_linear_attention import _checks
 from keras_linear_attention.ops import _chunked, _common
-from keras_linear_attention.ops.causal import DEFAULT_CHUNK_SIZE, chunk_length
+from keras_linear_attention.ops.causal import DEFAULT_CHUNK_SIZE
 
 STATE_LAYOUT = "(batch, heads, key_dim, value_dim)"
 
@@ -115,7 +115,6 @@ def delta_rule_attention(
     >>> tuple(delta_rule_attention(k, k, v, beta).shape)
     (1, 10, 2, 3)
     """
-    _checks.check_float("beta", ops.convert_to_tensor(beta))
     return _chunked_recurrence(q, k, v, beta, log_gate, initial_state, return_state, chunk_size)
 
 
@@ -186,7 +185,7 @@ def _chunked_recurrence(q, k, v, beta, log_gate, initial_state, return_state, ch
     beta = None if beta is None else _token_gate("beta", beta, q, acc)
     dims = (batch, heads, k.shape[3], v.shape[3])
     s0 = None if initial_state is None else check_recurrent_state(initial_state, dims, acc)
-    chunk = chunk_length(chunk_size, q)
+    chunk = _chunked.chunk_for(chunk_size, q)
     chunked = [
         None if x is None else _chunked.to_chunks(ops.cast(x, acc), chunk)
         for x in (q, k, v, log_gate, beta)
@@ -226,9 +225,7 @@ def _chunks(q, k, v, log_gate, beta, s0, groups, max_chunk):
     swap = lambda x: ops.swapaxes(x, 1, 2)  # noqa: E731
     b = ops.cumsum(log_gate, axis=1)  # (G*n, C, 1): inclusive, ≤ 0
     b_last = b[:, -1:]
-    lower = ops.tril(ops.ones((chunk, chunk), "bool"))
-    # exp(b_i − b_j) only where j ≤ i (a difference ≤ 0): never overflows.
-    decay = ops.where(lower, ops.exp(ops.where(lower, b - swap(b), 0.0)), 0.0)
+    decay = _decay_matrix(b[:, :, 0], b[:, :, 0], ops.tril(ops.ones((chunk, chunk), "bool")))
     scores = ops.matmul(q, swap(k)) * decay
     k_out = k * ops.exp(b_last - b)  # what is left of each key at the chunk's end
     w = None
@@ -333,29 +330,31 @@ def decayed_exclusive_prefix(x: Any, log_decay: Any, initial: Any, levels: int =
 
 
 def _decayed_block_sums(x, inclusive, exclusive) -> tuple:
-    """Within each block: the decayed exclusive sums and the decayed total."""
-    size = x.shape[2]
-    strict = ops.tril(ops.ones((size, size), "bool"), -1)
-    diff = ops.expand_dims(exclusive, -1) - ops.expand_dims(inclusive, -2)
-    weights = ops.where(strict, ops.exp(ops.where(strict, diff, 0.0)), 0.0)
+    """Within each block of `(G, nb, size, F)`: the decayed exclusive sums and
+    the decayed total."""
+    size = ops.shape(x)[2]
+    weights = _decay_matrix(exclusive, inclusive, ops.tril(ops.ones((size, size), "bool"), -1))
     to_end = ops.exp(inclusive[:, :, -1:] - inclusive)  # (G, nb, size)
     return ops.matmul(weights, x), ops.sum(x * ops.expand_dims(to_end, -1), axis=2)
 
 
 def _decayed_sums_by_matrix(x, log_decay, initial) -> tuple:
-    """`decayed_exclusive_prefix` of a short `(G, n, F)` as one n×n matmul."""
-    inclusive = ops.cumsum(log_decay, axis=1)
-    exclusive = inclusive - log_decay
-    n = ops.shape(x)[1]
-    strict = ops.tril(ops.ones((n, n), "bool"), -1)
-    diff = ops.expand_dims(exclusive, -1) - ops.expand_dims(inclusive, -2)
-    weights = ops.where(strict, ops.exp(ops.where(strict, diff, 0.0)), 0.0)
-    prefix = ops.matmul(weights, x) + ops.expand_dims(ops.exp(exclusive), -1) * ops.expand_dims(
-        initial, 1
-    )
-    last = ops.expand_dims(ops.exp(inclusive[:, -1:] - inclusive), -1)
-    final = ops.sum(x * last, axis=1) + ops.exp(inclusive[:, -1:]) * initial
-    return prefix, final
+    """`decayed_exclusive_prefix` of a short `(G, n, F)`: the whole of it as
+    one block, plus the decayed `initial`."""
+    inclusive = ops.expand_dims(ops.cumsum(log_decay, axis=1), 1)  # one block
+    exclusive = inclusive - ops.expand_dims(log_decay, 1)
+    within, total = _decayed_block_sums(ops.expand_dims(x, 1), inclusive, exclusive)
+    initial = ops.expand_dims(initial, 1)
+    prefix = within[:, 0] + ops.expand_dims(ops.exp(exclusive[:, 0]), -1) * initial
+    return prefix, total[:, 0] + ops.exp(inclusive[:, 0, -1:]) * initial[:, 0]
+
+
+def _decay_matrix(rows: Any, cols: Any, mask: Any) -> Any:
+    """`exp(rows_i − cols_j)` where `mask` (R×C), else 0, for `(..., R)` rows
+    and `(..., C)` cumulative log-decays. The exponent is formed only where
+    the mask holds (a difference ≤ 0 there), so it never overflows."""
+    diff = ops.expand_dims(rows, -1) - ops.expand_dims(cols, -2)
+    return ops.where(mask, ops.exp(ops.where(mask, diff, 0.0)), 0.0)
 
 
 def _dims(x: Any) -> tuple:
