@@ -11,8 +11,9 @@ scores, into a recorded "out of memory" result instead of a swapping machine.
 Kinds:
 - layer: a whole attention layer (model dim 512, 8 heads of 64, batch 1);
   impls keras_mha, keras_mha_causal, linear, linear_causal (both
-  `LinearMultiHeadAttention`), causal_layer (`CausalLinearAttention`) and
-  projections (the four `EinsumDense` projections alone: the floor).
+  `LinearMultiHeadAttention`), causal_layer (`CausalLinearAttention`),
+  retention_layer, gated_layer, delta_layer, gated_delta_layer (the same
+  with that `recurrence`) and projections (the four `EinsumDense` projections alone: the floor).
 - core: the attention math alone on feature-mapped inputs (B=1, H=8,
   D=M=64); impls causal, noncausal, softmax_causal. Also measures a
   4096² float32 matmul in the same process as the FLOP-rate yardstick.
@@ -68,10 +69,13 @@ def _layer(cfg: dict):
     impl = cfg["impl"]
     if impl == "projections":
         layer = _Projections()
-        apply = lambda x: layer(x)  # noqa: E731
-    elif impl == "causal_layer":
-        layer = kla.CausalLinearAttention(HEADS, KEY_DIM, chunk_size=cfg.get("chunk", 64))
-        apply = lambda x: layer(x)  # noqa: E731
+        apply = lambda x: layer(x)
+    elif impl == "causal_layer" or impl.endswith("_layer"):
+        recurrence = "linear" if impl == "causal_layer" else impl.removesuffix("_layer")
+        layer = kla.CausalLinearAttention(
+            HEADS, KEY_DIM, chunk_size=cfg.get("chunk", 64), recurrence=recurrence
+        )
+        apply = lambda x: layer(x)
     else:
         cls = keras.layers.MultiHeadAttention if impl.startswith("keras") else None
         cls = cls or (
@@ -79,7 +83,7 @@ def _layer(cfg: dict):
         )
         layer = cls(HEADS, KEY_DIM)
         causal = impl.endswith("_causal")
-        apply = lambda x: layer(x, x, use_causal_mask=causal)  # noqa: E731
+        apply = lambda x: layer(x, x, use_causal_mask=causal)
     x = tf.random.normal((1, cfg["n"], MODEL_DIM))
     apply(x)
     return apply, layer.trainable_variables, (x,)
@@ -89,7 +93,7 @@ class _Projections:
     """The four projections of a 512-wide, 8×64-head attention layer."""
 
     def __init__(self):
-        dense = lambda eq, shape: keras.layers.EinsumDense(eq, shape)  # noqa: E731
+        dense = lambda eq, shape: keras.layers.EinsumDense(eq, shape)
         self.q, self.k, self.v = (dense("abc,cde->abde", (None, HEADS, KEY_DIM)) for _ in "qkv")
         self.out = dense("abcd,cde->abe", (None, MODEL_DIM))
 

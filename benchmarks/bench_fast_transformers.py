@@ -9,8 +9,8 @@ process that never imports TensorFlow, so its peak memory is its own.
         "impl": "fast_transformers_causal", "n": 4096, "jit": false}'
 
 fast-transformers is not a dependency. Its CPU build needs torch first and
-no CUDA compiler on PATH (README "Benchmarks"); without it the result says
-"not installed".
+no CUDA compiler on PATH (benchmarks/README.md, "fast-transformers beside
+ours"); without it the result says "not installed".
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def main(argv=None) -> list[dict]:
         return []
     keras.utils.set_random_seed(0)
     longest = max(args.contexts) + args.memory_steps + 2
-    make = lambda attention: build_causal_lm(  # noqa: E731
+    make = lambda attention: build_causal_lm(
         256,
         max_length=longest,
         hidden_dim=args.hidden_dim,

@@ -1,6 +1,7 @@
 """Speed and memory of the decayed, gated and delta recurrences against "linear".
 
-    python benchmarks/recurrences.py [--quick] [--json benchmarks/results/recurrences.json]
+    python benchmarks/recurrences.py [--quick] [--parts long ...] \
+        [--json benchmarks/results/recurrences.json]
 
 Measures, each target in one run (the issue's shapes: B = 1, 8 heads of 64,
 model dim 512, float32, forward+backward, default graph mode without XLA):
@@ -37,6 +38,7 @@ from _timing import interleaved, timed  # noqa: E402
 
 import keras_linear_attention as kla  # noqa: E402
 
+PARTS = ["layers", "long", "step", "keras_hub"]
 RECURRENCES = ["linear", "retention", "gated", "delta", "gated_delta"]
 LIMITS = {"retention": 1.3, "gated": 1.3, "delta": 2.5, "gated_delta": 2.5}
 
@@ -160,7 +162,7 @@ def _compare_with_keras_hub(hub_op, n: int) -> dict:
     v = rng.normal(size=(1, n, HEADS, KEY_DIM)).astype("float32")
     g = np.log(rng.uniform(0.9, 1.0, (1, n, HEADS))).astype("float32")
     beta = rng.uniform(0, 1, (1, n, HEADS)).astype("float32")
-    unit = lambda x: x / np.sqrt(np.sum(x**2, -1, keepdims=True) + 1e-6)  # noqa: E731
+    unit = lambda x: x / np.sqrt(np.sum(x**2, -1, keepdims=True) + 1e-6)
     ours = tf.function(lambda *a: kla.ops.delta_rule_attention(*a))
     hub = tf.function(lambda *a: hub_op(*a)[0])
     # keras-hub normalises q and k and scales q by 1/sqrt(d) itself.
@@ -188,20 +190,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, help="measure only these (default: all)"
+    )
     args = parser.parse_args()
     scale = 64 if args.quick else 1
-    start = time.time()
-    results = {
-        "processor": _processor(),
-        "layers": layer_ratios([4096 // scale, 16384 // scale], rounds=3 if args.quick else 7),
-        "long": long_sequence(4096 // scale, 65536 // scale),
-        "step": step_latency([256 // scale, 16384 // scale], steps=4 if args.quick else 32),
-        "keras_hub": keras_hub_comparison([1024 // scale, 4096 // scale]),
+    parts = {
+        "layers": lambda: layer_ratios(
+            [4096 // scale, 16384 // scale], rounds=3 if args.quick else 7
+        ),
+        "long": lambda: long_sequence(4096 // scale, 65536 // scale),
+        "step": lambda: step_latency([256 // scale, 16384 // scale], steps=4 if args.quick else 32),
+        "keras_hub": lambda: keras_hub_comparison([1024 // scale, 4096 // scale]),
     }
+    chosen = args.parts or list(parts)
+    start = time.time()
+    results = {"processor": _processor(), **{part: parts[part]() for part in chosen}}
     results["seconds"] = time.time() - start
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        _write(args.json, results, partial=bool(args.parts))
+
+
+def _write(path: str, results: dict, partial: bool) -> None:
+    """Write `results`; a run of some `--parts` replaces only those parts
+    of an existing file (and records when each part was measured)."""
+    stamp = time.strftime("%Y-%m-%d")
+    results["measured"] = {part: stamp for part in results if part in PARTS}
+    if partial and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        results = {**old, **results, "measured": {**old.get("measured", {}), **results["measured"]}}
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
 
 
 def _processor() -> str:

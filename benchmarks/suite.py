@@ -34,6 +34,9 @@ LAYER_IMPLS = [
     "causal_layer",
     "projections",
 ]
+# CausalLinearAttention with each other recurrence (issue 16): layer rows
+# without XLA (the Keras default on CPU), and one pair against "linear".
+RECURRENCE_IMPLS = ["retention_layer", "gated_layer", "delta_layer", "gated_delta_layer"]
 # The paper's own PyTorch kernel, beside ours; no XLA there.
 BASELINE_IMPLS = ["fast_transformers_causal"]
 CORE_IMPLS = ["softmax_causal", "causal", "noncausal"]
@@ -45,6 +48,7 @@ PAIRS = [
     (("linear", "linear_causal", "causal_layer"), 4096),
     (("linear", "linear_causal", "causal_layer"), 16384),
     (("projections", "linear"), 16384),
+    (("causal_layer", *RECURRENCE_IMPLS), 4096),
 ]
 # Peak memory at the longest N depends on how TF's executor happens to
 # overlap the backward pass (measured spread about ±150 MiB), so the memory
@@ -63,7 +67,7 @@ def configurations(
     """Every configuration, grouped so a failed softmax length skips longer ones."""
     configs = []
     for jit in jits:
-        for impl in LAYER_IMPLS + ([] if jit else BASELINE_IMPLS):
+        for impl in LAYER_IMPLS + ([] if jit else BASELINE_IMPLS + RECURRENCE_IMPLS):
             for n in lengths:
                 cfg = {"kind": "layer", "impl": impl, "n": n, "jit": jit}
                 if impl in ("linear_causal", "causal_layer") and n == max(lengths):

@@ -9,8 +9,9 @@ import json
 import sys
 
 # fast-transformers (PyTorch CPU, causal linear AttentionLayer, same shapes),
-# forward+backward, as measured on this machine kind in ../shared/NOTES.md
-# section 2: used only when the suite could not run it beside ours.
+# forward+backward, from an earlier measurement on this machine kind (fresh
+# process, median; benchmarks/README.md, "fast-transformers beside ours"):
+# used only when the suite could not run it beside ours.
 FAST_TRANSFORMERS_NOTES_MS = {4096: 252.0, 16384: 1488.0}
 
 
@@ -83,7 +84,7 @@ def rows(report: dict) -> list:
             out.append((name, *paired, 1.3, True, "×", separate))
     for n, notes_ms in FAST_TRANSFORMERS_NOTES_MS.items():
         measured = _ms(res.seconds("fast_transformers_causal", n, False))
-        ref, where = (measured, "same run") if measured else (notes_ms, "NOTES.md")
+        ref, where = (measured, "same run") if measured else (notes_ms, "earlier measurement")
         for impl in ("linear_causal", "causal_layer"):
             vals = [_ms(res.seconds(impl, n, jit)) for jit in (False, True)]
             name = f"{impl} ms, N={n} (fast-transformers {ref:.0f} ms, {where})"
@@ -95,6 +96,10 @@ def rows(report: dict) -> list:
             vals = [_peak(res.find("layer", impl, 65536, jit), stat) for jit in (False, True)]
             name = f"{impl} peak process memory, N=65536 ({stat} of its processes)"
             out.append((name, *vals, 3072.0, True, " MiB"))
+    for impl, limit in (("retention", 1.3), ("gated", 1.3), ("delta", 2.5), ("gated_delta", 2.5)):
+        paired, separate = res.both(f"{impl}_layer", "causal_layer", 4096)
+        name = f"recurrence {impl} / linear (CausalLinearAttention), N=4096"
+        out.append((name, *paired, limit, True, "×", separate))
     paired, separate = res.both("linear", "projections", 16384)
     name = "non-causal layer / its projections, N=16384"
     out.append((name, *paired, 1.25, True, "×", separate))

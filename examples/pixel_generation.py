@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     keras.utils.set_random_seed(0)
     start = time.time()
-    make = lambda attention: build_causal_lm(  # noqa: E731
+    make = lambda attention: build_causal_lm(
         3,
         max_length=PIXELS + 1,
         hidden_dim=args.hidden_dim,

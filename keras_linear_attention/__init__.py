@@ -12,7 +12,9 @@ from keras_linear_attention.feature_maps import (
     EluFeatureMap,
     FavorFeatureMap,
     FeatureMap,
+    HedgehogFeatureMap,
     ReluFeatureMap,
+    TaylorFeatureMap,
 )
 from keras_linear_attention.generation import RecurrentLM, generate
 from keras_linear_attention.layers import (
@@ -40,6 +42,7 @@ __all__ = [
     "EluFeatureMap",
     "FavorFeatureMap",
     "FeatureMap",
+    "HedgehogFeatureMap",
     "LinearMultiHeadAttention",
     "LinearTransformerDecoder",
     "LinearTransformerEncoder",
@@ -48,6 +51,7 @@ __all__ = [
     "ReluFeatureMap",
     "ShortConvolution",
     "SinusoidalPositionEmbedding",
+    "TaylorFeatureMap",
     "build_causal_lm",
     "build_sequence_classifier",
     "causal_linear_attention",

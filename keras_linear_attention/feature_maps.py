@@ -1,10 +1,13 @@
 """Kernel feature maps φ for linear attention.
 
-`get(identifier)` turns a name (`"elu"`, `"relu"`, `"favor"`), a config
-dict, a Keras layer (used as a trainable feature map) or a plain callable
-into a layer that maps `(..., D)` to `(..., D')` with non-negative values.
-The attention layers apply φ with `apply(feature_map, x, role)`, which tells
-maps that want it (FAVOR) whether `x` holds queries or keys.
+`get(identifier)` turns a name (`"elu"`, `"relu"`, `"favor"`, `"taylor"`,
+`"hedgehog"`), a config dict, a Keras layer (used as a trainable feature map)
+or a plain callable into a layer that maps `(..., D)` to `(..., D')`. The
+built-in maps make every kernel value `φ(q)·φ(k)` non-negative: elu+1,
+relu, FAVOR and Hedgehog have non-negative features; Taylor's features can
+be negative, but its kernel `1 + s + s²/2` is at least 1/2. The attention
+layers apply φ with `apply(feature_map, x, role)`, which tells maps that
+want it (FAVOR, Hedgehog) whether `x` holds queries or keys.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_linear_attention import _checks
@@ -35,6 +39,8 @@ class FeatureMap(keras.layers.Layer):
     a `role` argument receives `"query"` or `"key"` (see `apply`); it may
     scale φ(q) by any positive factor per query, and φ(k) by one positive
     factor shared by all keys of all calls: both cancel in the attention.
+    It may also map queries and keys with different functions (Hedgehog's
+    `separate_query_key`): the kernel is then `φ_q(q)·φ_k(k)`.
     """
 
     # True when φ maps each vector along the last axis on its own, whatever
@@ -260,6 +266,215 @@ class FavorFeatureMap(FeatureMap):
         }
 
 
+def _compute_dtype(x: Any) -> str:
+    """float64 for float64 inputs, else float32 (also for float16 inputs)."""
+    return "float64" if _checks.dtype_name(x) == "float64" else "float32"
+
+
+def _static_dim(x: Any, axis: int, what: str, owner: keras.layers.Layer) -> int:
+    size = x.shape[axis] if len(x.shape) >= -axis else None
+    if size is None:
+        raise ValueError(
+            f"{type(owner).__name__} {owner.name!r} needs a static {what} on axis {axis} "
+            f"of its `inputs`; received shape {tuple(x.shape)}."
+        )
+    return int(size)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TaylorFeatureMap(FeatureMap):
+    """Second-order Taylor features of the softmax kernel (Based, Arora et al. 2024).
+
+    `φ(x) = [1, x / D^{1/4}, vec(x xᵀ) / (√2 √D)]`, so that
+    `φ(q)·φ(k) = 1 + s + s²/2` with `s = q·k / √D`: the second-order Taylor
+    expansion of softmax's `exp(s)`. Single features can be negative, but
+    every kernel value is at least 1/2 (`1 + s + s²/2 = ((1 + s)² + 1) / 2`),
+    so the attention's normaliser is at least half the number of keys.
+
+    The feature dimension is `1 + D + D²` (273 at D = 16, 1057 at D = 32), and
+    the causal state holds that many rows per head: meant for small key dims,
+    paired with more heads. `compact=True` keeps each product `x_a x_b` once
+    (a ≤ b, the products a < b scaled by √2 so that they count twice):
+    `1 + D + D(D+1)/2` features (153 at D = 16), the same kernel.
+
+    Computed in float32 (float64 for float64 inputs), also under mixed
+    precision. The attention casts φ to float32 anyway, so this costs no
+    memory there; in float16 the quadratic features would carry errors of
+    about 1e-3·|q|²|k|²/(2D) in the kernel, large next to a kernel value near
+    its minimum 1/2 (large q and k, nearly orthogonal).
+
+    Args:
+        compact: Keep each product `x_a x_b` once (see above).
+
+    Example:
+
+    >>> fm = TaylorFeatureMap()
+    >>> fm(keras.ops.ones((2, 5, 4, 8))).shape  # 1 + 8 + 64 features
+    TensorShape([2, 5, 4, 73])
+    >>> q = k = keras.ops.ones((1, 4))  # s = q·k / √4 = 2
+    >>> round(float(keras.ops.sum(fm(q) * fm(k))), 4)  # 1 + s + s²/2
+    5.0
+    >>> compact = TaylorFeatureMap(compact=True)
+    >>> compact(q).shape, round(float(keras.ops.sum(compact(q) * compact(k))), 4)
+    (TensorShape([1, 15]), 5.0)
+    """
+
+    last_axis_only = True
+
+    def __init__(self, compact: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(compact, bool):
+            raise TypeError(f"`compact` must be True or False; received {compact!r}.")
+        self.compact = compact
+
+    def output_dim(self, input_dim: int) -> int:
+        d = int(input_dim)
+        return 1 + d + (d * (d + 1) // 2 if self.compact else d * d)
+
+    def call(self, x):
+        x = ops.cast(x, _compute_dtype(x))
+        d = _static_dim(x, -1, "feature dimension", self)
+        linear = x * d**-0.25
+        if self.compact:
+            a, b = np.triu_indices(d)
+            # x_a x_b / √D per pair; a diagonal term counts once, so over √2.
+            scale = np.where(a == b, 0.5**0.5, 1.0)
+            quadratic = ops.take(linear, a, axis=-1) * ops.take(linear, b, axis=-1)
+            quadratic = quadratic * ops.convert_to_tensor(scale, x.dtype)
+        else:
+            y = x * (2.0 * d) ** -0.25  # y_a y_b = x_a x_b / (√2 √D)
+            outer = ops.expand_dims(y, -1) * ops.expand_dims(y, -2)
+            quadratic = ops.reshape(outer, (*ops.shape(x)[:-1], d * d))
+        return ops.concatenate([ops.ones_like(x[..., :1]), linear, quadratic], axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "compact": self.compact}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class HedgehogFeatureMap(FeatureMap):
+    """Learnable features that mimic softmax (Hedgehog, Zhang et al. 2024).
+
+    Per head h a trainable linear map `W_h` of shape `(D, F)`, then
+    `φ(x) = [softmax(W_hᵀx), softmax(−W_hᵀx)]` over the feature axis: 2F
+    positive features. Each `W_h` starts as the identity (rectangular when
+    F ≠ D), so an untrained map gives `[softmax(x), softmax(−x)]`. It trains
+    with the model, or can be fitted to mimic a softmax attention's weights.
+
+    Inputs are `(..., H, D)` with the heads on axis -2, as the attention
+    layers pass them (`(B, T, H, D)`, also one token at a time in recurrent
+    steps). `build` takes H from the shape, so one instance serves one
+    attention layer (whose heads it must match). The weights are `kernel`,
+    `(H, D, F)`, and with `use_bias` a `bias`, `(H, F)` (zeros at first);
+    with `separate_query_key`, `query_kernel` and `key_kernel` (and
+    `query_bias`, `key_bias`) instead. They are saved, loaded and exported
+    with the model. The softmax runs in float32 (float64 for float64
+    inputs), also under mixed precision.
+
+    Args:
+        num_features: F, the size of `W_hᵀx`; defaults to D.
+        use_bias: Add a trainable per-head bias to `W_hᵀx`.
+        separate_query_key: One map for queries and another for keys, as
+            the paper trains them (the kernel is then `φ_q(q)·φ_k(k)`); calls
+            must then pass `role` (the attention layers do, see `apply`).
+            Default: one map for both.
+
+    Example:
+
+    >>> fm = HedgehogFeatureMap()
+    >>> x = keras.ops.zeros((2, 5, 3, 4))  # (batch, length, heads, key_dim)
+    >>> fm(x).shape
+    TensorShape([2, 5, 3, 8])
+    >>> tuple(fm.kernel.shape)  # one identity-initialised (D, F) map per head
+    (3, 4, 4)
+    >>> [round(float(v), 4) for v in fm(x)[0, 0, 0]]  # softmax(0), twice
+    [0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25]
+    """
+
+    last_axis_only = False  # each head has its own W: heads must stay on axis -2
+
+    def __init__(
+        self,
+        num_features: int | None = None,
+        use_bias: bool = False,
+        separate_query_key: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _checks.check_positive_int("num_features", num_features, allow_none=True)
+        for name, value in (("use_bias", use_bias), ("separate_query_key", separate_query_key)):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be True or False; received {value!r}.")
+        self.num_features = num_features
+        self.use_bias = use_bias
+        self.separate_query_key = separate_query_key
+
+    def output_dim(self, input_dim: int) -> int:
+        return 2 * (self.num_features or int(input_dim))
+
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        if len(shape) < 2 or shape[-1] is None or shape[-2] is None:
+            raise ValueError(
+                "HedgehogFeatureMap needs `inputs` of shape (..., heads, key_dim) with "
+                f"both known, heads on axis -2; received input_shape {shape}."
+            )
+        heads, dim = int(shape[-2]), int(shape[-1])
+        feat = self.num_features or dim
+
+        def identity(shape, dtype=None):
+            return ops.broadcast_to(ops.eye(dim, feat, dtype=dtype or "float32"), shape)
+
+        for role in ROLES if self.separate_query_key else (None,):
+            prefix = f"{role}_" if role else ""
+            kernel = self.add_weight(
+                name=f"{prefix}kernel",
+                shape=(heads, dim, feat),
+                initializer=identity,
+                autocast=False,
+            )
+            bias = None
+            if self.use_bias:
+                bias = self.add_weight(
+                    name=f"{prefix}bias", shape=(heads, feat), initializer="zeros", autocast=False
+                )
+            setattr(self, f"{prefix}kernel", kernel)
+            setattr(self, f"{prefix}bias", bias)
+
+    def call(self, x, role=None):
+        _check_role(role)
+        if self.separate_query_key and role is None:
+            raise ValueError(
+                f"HedgehogFeatureMap {self.name!r} has separate_query_key=True: pass "
+                '`role="query"` or `role="key"` (see `feature_maps.apply`).'
+            )
+        prefix = f"{role}_" if self.separate_query_key else ""
+        kernel, bias = getattr(self, f"{prefix}kernel"), getattr(self, f"{prefix}bias")
+        heads, dim, _ = kernel.shape
+        for axis, what, built in ((-1, "key_dim", dim), (-2, "heads", heads)):
+            size = _static_dim(x, axis, what, self)
+            if size != built:
+                raise ValueError(
+                    f"HedgehogFeatureMap {self.name!r}: `inputs` have {what}={size} on "
+                    f"axis {axis} (shape {tuple(x.shape)}), but it was built for "
+                    f"{what}={built} (kernel {tuple(kernel.shape)}). Give each "
+                    'attention layer its own map: feature_map="hedgehog" or a config.'
+                )
+        dtype = _compute_dtype(x)
+        z = ops.einsum("...hd,hdf->...hf", ops.cast(x, dtype), ops.cast(kernel, dtype))
+        if bias is not None:
+            z = z + ops.cast(bias, dtype)
+        return ops.concatenate([ops.softmax(z, axis=-1), ops.softmax(-z, axis=-1)], axis=-1)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_features": self.num_features,
+            "use_bias": self.use_bias,
+            "separate_query_key": self.separate_query_key,
+        }
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class CallableFeatureMap(FeatureMap):
     """Wraps a plain function `f(x) -> φ(x)` that keeps the last dimension.
@@ -286,7 +501,13 @@ class CallableFeatureMap(FeatureMap):
         }
 
 
-_BY_NAME = {"elu": EluFeatureMap, "relu": ReluFeatureMap, "favor": FavorFeatureMap}
+_BY_NAME = {
+    "elu": EluFeatureMap,
+    "relu": ReluFeatureMap,
+    "favor": FavorFeatureMap,
+    "taylor": TaylorFeatureMap,
+    "hedgehog": HedgehogFeatureMap,
+}
 
 
 def get(identifier: Any = "elu") -> keras.layers.Layer:
@@ -308,7 +529,14 @@ def get(identifier: Any = "elu") -> keras.layers.Layer:
             )
         return _BY_NAME[key]()
     if isinstance(identifier, dict):
-        return get(keras.saving.deserialize_keras_object(identifier))
+        layer = keras.saving.deserialize_keras_object(identifier)
+        if isinstance(layer, dict):  # not a Keras config: would recurse forever
+            raise ValueError(
+                f"`feature_map` config {identifier!r} is not a serialized Keras object; "
+                "pass `feature_maps.serialize(fm)` (with 'class_name' and 'config'), "
+                "a name or a layer."
+            )
+        return get(layer)
     if isinstance(identifier, keras.layers.Layer):
         return identifier
     if callable(identifier):
@@ -323,7 +551,8 @@ ROLES = ("query", "key")
 
 def apply(feature_map: Callable, x: Any, role: str) -> Any:
     """φ(x) for `role` `"query"` or `"key"`; only a φ whose `call` takes a
-    `role` argument (FAVOR) receives it, other layers and functions get `x`.
+    `role` argument (FAVOR, Hedgehog) receives it, other layers and functions
+    get `x`.
 
     Example:
 

@@ -72,17 +72,20 @@ def _qkv(rng, n, batch=2, heads=2, dim=4):
     return q, k, rng.normal(size=(batch, n, heads, 3))
 
 
+@pytest.mark.parametrize("threshold", [None, 0], ids=["default", "chunked"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("n,chunk", [(1, 4), (13, 4), (70, 4), (64, 64)])
-def test_ops_forward_and_gradients_match_numpy(rng, causal, n, chunk):
+def test_ops_forward_and_gradients_match_numpy(rng, causal, n, chunk, threshold):
     q, k, v = _qkv(rng, n)
     mask = rng.random((2, n)) > 0.3
     mask[:, 0] = True
 
     def ours(q, k, v):
         if causal:
-            return kla.causal_linear_attention(q, k, v, key_mask=mask, chunk_size=chunk)
-        return kla.linear_attention(q, k, v, key_mask=mask)
+            return kla.causal_linear_attention(
+                q, k, v, key_mask=mask, chunk_size=chunk, short_sequence_threshold=threshold
+            )
+        return kla.linear_attention(q, k, v, key_mask=mask, short_sequence_threshold=threshold)
 
     out = ops.convert_to_numpy(ours(*(x.astype("float32") for x in (q, k, v))))
     np.testing.assert_allclose(

@@ -28,7 +28,7 @@ def _x(rng, *shape):
 @pytest.mark.parametrize("feature_map", ["elu", "favor"])
 def test_prefill_then_step_equals_parallel(rng, mode, feature_map):
     fmap = kla.FavorFeatureMap(num_features=8, seed=2) if feature_map == "favor" else "elu"
-    layer = _layer(feature_map=fmap, chunk_size=4)
+    layer = _layer(feature_map=fmap, chunk_size=4, short_sequence_threshold=0)
     x = _x(rng, 2, 19, DIM)
     full = layer(x)
     call = in_mode(lambda x, state: layer(x, initial_state=state, return_state=True), mode)
@@ -107,7 +107,9 @@ def test_xla_dynamic_shapes_and_model_fit(rng):
 
 
 def test_keras_file_round_trip(rng, tmp_path):
-    layer = _layer(feature_map=kla.FavorFeatureMap(seed=1), chunk_size=5)
+    layer = _layer(
+        feature_map=kla.FavorFeatureMap(seed=1), chunk_size=5, short_sequence_threshold=0
+    )
     inp = keras.Input((None, DIM))
     model = keras.Model(inp, layer(inp))
     x = _x(rng, 2, 11, DIM)
@@ -116,7 +118,7 @@ def test_keras_file_round_trip(rng, tmp_path):
     np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6)
     clone = loaded.layers[-1]
     assert isinstance(clone, kla.CausalLinearAttention)
-    as_json = lambda c: json.loads(json.dumps(c))  # noqa: E731 tuples -> lists
+    as_json = lambda c: json.loads(json.dumps(c))  # tuples -> lists
     assert as_json(clone.get_config()) == as_json(layer.get_config())
 
 

@@ -62,7 +62,7 @@ def test_prepared_data_loads_with_plain_tfds(fashion_mnist_dir):
 def test_fit_learns_on_real_data(fashion_mnist_dir):
     real_data_dir = fashion_mnist_dir
     keras.utils.set_random_seed(0)
-    load = lambda split: tfds.load(  # noqa: E731
+    load = lambda split: tfds.load(
         "fashion_mnist", split=split, data_dir=real_data_dir, as_supervised=True, download=False
     )
     train = pipelines.patch_classification(load("train[:6000]"), 7, 32, training=True)

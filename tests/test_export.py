@@ -184,6 +184,33 @@ def test_xla_compiled_model_exports(tmp_path, classifier):
     assert "BATCH_MATMUL" in ops
 
 
+def test_builtin_ops_sees_flex_ops_and_every_subgraph():
+    """The audit behind "builtins only": a Flex op shows as CUSTOM, and the
+    ops inside an IF's branches (a dynamic length's two paths) are listed."""
+
+    @tf.function(input_signature=[tf.TensorSpec((4, 4), tf.float32)])
+    def flex(x):
+        return tf.linalg.inv(x) + tf.nn.relu(x)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 4), tf.float32)])
+    def branches(x):
+        return tf.cond(tf.shape(x)[0] > 2, lambda: tf.nn.relu(x), lambda: tf.tanh(x))
+
+    def convert(fn, select):
+        converter = tf.lite.TFLiteConverter.from_concrete_functions(
+            [fn.get_concrete_function()], fn
+        )
+        if select:
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.TFLITE_BUILTINS,
+                tf.lite.OpsSet.SELECT_TF_OPS,
+            ]
+        return converter.convert()
+
+    assert "CUSTOM" in builtin_ops(convert(flex, select=True))
+    assert {"IF", "RELU", "TANH"} <= set(builtin_ops(convert(branches, select=False)))
+
+
 def test_command_line_export(tmp_path, classifier):
     model_path = tmp_path / "tiny.keras"
     classifier.save(model_path)

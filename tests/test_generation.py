@@ -117,7 +117,7 @@ def test_generate_accepts_numpy_integers(lm):
 
 
 def test_largest_seed_is_not_the_same_as_seed_zero(lm):
-    sample = lambda seed: generate(lm, [[1, 2, 3]], 15, temperature=1.0, seed=seed)  # noqa: E731
+    sample = lambda seed: generate(lm, [[1, 2, 3]], 15, temperature=1.0, seed=seed)
     assert not np.array_equal(sample(2**31 - 1), sample(0))
 
 

@@ -53,7 +53,9 @@ def test_any_shape_and_mask_matches_the_reference(problem):
     q, k = _phi(rng, (b, t, h, d)), _phi(rng, (b, s, h, d))
     v = rng.normal(size=(b, s, h, m))
     if causal:
-        out = kla.causal_linear_attention(q, k, v, key_mask=mask, chunk_size=chunk)
+        out = kla.causal_linear_attention(
+            q, k, v, key_mask=mask, chunk_size=chunk, short_sequence_threshold=0
+        )
     else:
         out = kla.linear_attention(q, k, v, key_mask=mask)
     expected = kernel_attention(q, k, v, key_mask=mask, causal=causal)
@@ -83,7 +85,7 @@ def test_nan_in_a_visible_value_is_loud_never_finite_but_wrong(chunk):
     q, k, v = _phi(rng, (1, 6, 1, 4)), _phi(rng, (1, 6, 1, 4)), rng.normal(size=(1, 6, 1, 3))
     clean = kla.causal_linear_attention(q, k, v).numpy()  # exact for positions < 3
     v[0, 3] = np.nan
-    out = kla.causal_linear_attention(q, k, v, chunk_size=chunk).numpy()
+    out = kla.causal_linear_attention(q, k, v, chunk_size=chunk, short_sequence_threshold=0).numpy()
     assert np.all(np.isnan(out[0, 3:]))
     early, expected = out[0, :3], clean[0, :3]
     finite = np.isfinite(early)
@@ -143,7 +145,7 @@ def test_rank2_attention_mask_is_t_by_s_as_in_keras(rng, batch):
     # Without use_causal_mask, tril is not key padding: refused in every mode.
     with pytest.raises(ValueError, match="its query rows differ"):
         layer(x, x, attention_mask=tril)
-    run = lambda x: layer(x, x, attention_mask=tril)  # noqa: E731
+    run = lambda x: layer(x, x, attention_mask=tril)
     with pytest.raises(tf.errors.InvalidArgumentError, match="its query rows differ"):
         tf.function(run, input_signature=[SPEC_BT8])(x)
     out = tf.function(run, input_signature=[SPEC_BT8], jit_compile=True)(x)
@@ -177,7 +179,7 @@ def test_attention_mask_batch_is_checked_when_batch_is_dynamic(rng, mode):
 def test_chunk_larger_than_a_dynamic_length(rng, mode, chunk_size):
     """The chunk is min(chunk_size, N), also when N is known only at run time
     (10**6 failed to trace; under XLA it asked for 22.5 TiB)."""
-    layer = kla.LinearMultiHeadAttention(2, 4, chunk_size=chunk_size)
+    layer = kla.LinearMultiHeadAttention(2, 4, chunk_size=chunk_size, short_sequence_threshold=0)
     x = tf.constant(rng.normal(size=(2, 13, 8)).astype("float32"))
     layer.build(x.shape, x.shape)
     ref = layer_reference(layer_weights(layer), x, x, causal=True)

@@ -40,7 +40,7 @@ def _forward_and_grads(fn, weights, query, value):
     [(7, 7, False, False), (5, 11, False, True), (1, 1, True, False), (33, 33, True, True)],
 )
 def test_layer_matches_reference_with_gradients(rng, mode, t, s, causal, masked):
-    layer = _layer(chunk_size=8)
+    layer = _layer(chunk_size=8, short_sequence_threshold=0)
     query, value = _x(rng, 2, t, DIM), _x(rng, 2, s, DIM)
     layer(query, value)
     mask = tf.constant(rng.random((2, s)) > 0.3) if masked else None
@@ -53,7 +53,7 @@ def test_layer_matches_reference_with_gradients(rng, mode, t, s, causal, masked)
     names = [v.path.split("/", 1)[1] for v in layer.trainable_variables]
     w = layer_weights(layer)
     ref_vars = [w[n] for n in names]
-    ref_fn = lambda q, v: layer_reference(  # noqa: E731
+    ref_fn = lambda q, v: layer_reference(
         dict(zip(names, ref_vars, strict=True)), q, v, key_mask=mask, causal=causal
     )
     ref = _forward_and_grads(
@@ -73,7 +73,7 @@ def test_other_feature_maps_match_reference(rng, name, phi):
     out = layer(x, x, use_causal_mask=True)
     if name == "favor":
         proj = layer.feature_map.projection.numpy()
-        phi = lambda z: favor(z, proj)  # noqa: E731
+        phi = lambda z: favor(z, proj)
     ref = layer_reference(layer_weights(layer), x, x, phi=phi, causal=True)
     assert_close(f"layer feature map {name}", out, ref, **TOL)
 
@@ -246,7 +246,9 @@ def test_drop_in_transformer_trains_and_takes_mha_weights(rng, tmp_path, jit_com
 @pytest.mark.parametrize("feature_map", ["elu", "favor"])
 def test_config_and_keras_file_round_trip(rng, tmp_path, feature_map):
     fmap = kla.FavorFeatureMap(num_features=16, seed=4) if feature_map == "favor" else "elu"
-    layer = _layer(feature_map=fmap, eps=1e-5, chunk_size=3, dropout=0.1)
+    layer = _layer(
+        feature_map=fmap, eps=1e-5, chunk_size=3, short_sequence_threshold=0, dropout=0.1
+    )
     x = _x(rng, 2, 7, DIM)
     out = layer(x, x, use_causal_mask=True)
     clone = kla.LinearMultiHeadAttention.from_config(layer.get_config())
@@ -295,6 +297,6 @@ def test_keras_layer_as_trainable_feature_map(rng):
     grads = tape.gradient(loss, [v.value for v in phi_vars])
     assert all(g is not None and np.any(np.asarray(g) != 0) for g in grads)
     w = {v.path.split("/", 1)[1]: tf.constant(v.numpy(), tf.float64) for v in phi_vars}
-    phi = lambda z: tf.nn.softplus(z @ w["phi/kernel"] + w["phi/bias"])  # noqa: E731
+    phi = lambda z: tf.nn.softplus(z @ w["phi/kernel"] + w["phi/bias"])
     ref = layer_reference(layer_weights(layer), x, x, phi=phi, causal=True)
     assert_close("layer trainable feature map", out, ref, **TOL)

@@ -12,7 +12,7 @@ import keras_linear_attention as kla
 
 def _long_inputs(n, dtype, scale, heads=1, dim=4, seed=0):
     rng = np.random.default_rng(seed)
-    phi = lambda x: np.where(x > 0, x + 1, np.exp(x))  # noqa: E731  elu + 1
+    phi = lambda x: np.where(x > 0, x + 1, np.exp(x))  # elu + 1
     q, k = (phi(scale * rng.normal(size=(1, n, heads, dim))) for _ in "qk")
     v = scale * rng.normal(size=(1, n, heads, dim))
     return [tf.constant(x, dtype) for x in (q, k, v)]

@@ -53,7 +53,7 @@ def test_noncausal_matches_reference(rng, mode, t, s, masked):
     q, k, v = _inputs(rng, t, s)
     mask = _padding(rng, 2, s) if masked else None
     fn = in_mode(lambda q, k, v, m: kla.linear_attention(q, k, v, key_mask=m), mode)
-    ref = lambda q, k, v, m: kernel_attention(q, k, v, key_mask=m)  # noqa: E731
+    ref = lambda q, k, v, m: kernel_attention(q, k, v, key_mask=m)
     ours = _grads(fn, q, k, v, mask)
     expected = _grads(ref, *(tf.cast(x, tf.float64) for x in (q, k, v)), mask)
     _check("noncausal", ours, expected, "float32")
@@ -67,10 +67,12 @@ def test_causal_matches_reference(rng, mode, n, chunk, masked):
     q, k, v = _inputs(rng, n, batch=1 if n == 1000 else 2)
     mask = _padding(rng, q.shape[0], n) if masked else None
     fn = in_mode(
-        lambda q, k, v, m: kla.causal_linear_attention(q, k, v, key_mask=m, chunk_size=chunk),
+        lambda q, k, v, m: kla.causal_linear_attention(
+            q, k, v, key_mask=m, chunk_size=chunk, short_sequence_threshold=0
+        ),
         mode,
     )
-    ref = lambda q, k, v, m: kernel_attention(q, k, v, key_mask=m, causal=True)  # noqa: E731
+    ref = lambda q, k, v, m: kernel_attention(q, k, v, key_mask=m, causal=True)
     ours = _grads(fn, q, k, v, mask)
     expected = _grads(ref, *(tf.cast(x, tf.float64) for x in (q, k, v)), mask)
     _check("causal", ours, expected, "float32")
@@ -81,10 +83,12 @@ def test_float64_inputs_are_exact(rng, causal):
     q, k, v = _inputs(rng, 37, dtype="float64")
     mask = _padding(rng, 2, 37)
     if causal:
-        fn = lambda q, k, v, m: kla.causal_linear_attention(q, k, v, m, chunk_size=8)  # noqa: E731
+        fn = lambda q, k, v, m: kla.causal_linear_attention(
+            q, k, v, m, chunk_size=8, short_sequence_threshold=0
+        )
     else:
-        fn = lambda q, k, v, m: kla.linear_attention(q, k, v, m)  # noqa: E731
-    ref = lambda q, k, v, m: kernel_attention(q, k, v, key_mask=m, causal=causal)  # noqa: E731
+        fn = lambda q, k, v, m: kla.linear_attention(q, k, v, m)
+    ref = lambda q, k, v, m: kernel_attention(q, k, v, key_mask=m, causal=causal)
     _check(
         "causal" if causal else "noncausal",
         _grads(fn, q, k, v, mask),
@@ -96,7 +100,7 @@ def test_float64_inputs_are_exact(rng, causal):
 @pytest.mark.parametrize("chunk", [1, 3, 16, 64, 512])
 def test_causal_result_does_not_depend_on_chunk_size(rng, chunk):
     q, k, v = _inputs(rng, 100, dtype="float64")
-    out = kla.causal_linear_attention(q, k, v, chunk_size=chunk)
+    out = kla.causal_linear_attention(q, k, v, chunk_size=chunk, short_sequence_threshold=0)
     assert_close(
         "causal chunk sweep (float64)",
         out,
@@ -111,7 +115,9 @@ def test_recurrent_equals_chunked_equals_reference(rng, mode):
     q, k, v = _inputs(rng, 23)
     mask = _padding(rng, 2, 23)
     chunked = in_mode(
-        lambda q, k, v, m: kla.causal_linear_attention(q, k, v, m, chunk_size=8, return_state=True),
+        lambda q, k, v, m: kla.causal_linear_attention(
+            q, k, v, m, chunk_size=8, short_sequence_threshold=0, return_state=True
+        ),
         mode,
     )
     recurrent = in_mode(
@@ -142,7 +148,9 @@ def test_prefill_then_steps_equals_parallel(rng, mode, prompt):
     n = 40
     q, k, v = _inputs(rng, n)
     prefill = in_mode(
-        lambda q, k, v: kla.causal_linear_attention(q, k, v, chunk_size=16, return_state=True),
+        lambda q, k, v: kla.causal_linear_attention(
+            q, k, v, chunk_size=16, short_sequence_threshold=0, return_state=True
+        ),
         mode,
     )
     step = in_mode(lambda q, k, v, s: kla.linear_attention_step(q, k, v, s), mode)
@@ -167,7 +175,14 @@ def test_state_in_and_out_gradients_match_reference(rng, mode, n, chunk):
 
     def ours(q, k, v, kv0, k_sum0):
         return kla.causal_linear_attention(
-            q, k, v, mask, initial_state=(kv0, k_sum0), chunk_size=chunk, return_state=True
+            q,
+            k,
+            v,
+            mask,
+            initial_state=(kv0, k_sum0),
+            chunk_size=chunk,
+            short_sequence_threshold=0,
+            return_state=True,
         )
 
     def ref(q, k, v, kv0, k_sum0):
@@ -193,7 +208,12 @@ def test_initial_state_continues_a_sequence(rng):
     q, k, v = _inputs(rng, 50)
     first, state = kla.causal_linear_attention(q[:, :20], k[:, :20], v[:, :20], return_state=True)
     second = kla.causal_linear_attention(
-        q[:, 20:], k[:, 20:], v[:, 20:], initial_state=state, chunk_size=8
+        q[:, 20:],
+        k[:, 20:],
+        v[:, 20:],
+        initial_state=state,
+        chunk_size=8,
+        short_sequence_threshold=0,
     )
     ref = kernel_attention(q, k, v, causal=True)
     assert_close(
@@ -209,7 +229,9 @@ def test_dynamic_shapes_under_xla(rng):
         tf.TensorSpec((None, None, H, M)),
     ]
     fn = tf.function(
-        lambda q, k, v: kla.causal_linear_attention(q, k, v, chunk_size=16),
+        lambda q, k, v: kla.causal_linear_attention(
+            q, k, v, chunk_size=16, short_sequence_threshold=0
+        ),
         jit_compile=True,
         input_signature=spec,
     )
@@ -279,7 +301,9 @@ def test_backward_never_builds_a_per_token_state():
     def fwd_bwd(q, k, v):
         with tf.GradientTape() as tape:
             tape.watch([q, k, v])
-            loss = tf.reduce_sum(kla.causal_linear_attention(q, k, v, chunk_size=64))
+            loss = tf.reduce_sum(
+                kla.causal_linear_attention(q, k, v, chunk_size=64, short_sequence_threshold=0)
+            )
         return tape.gradient(loss, [q, k, v])
 
     graph = fwd_bwd.get_concrete_function(spec, spec, spec).graph

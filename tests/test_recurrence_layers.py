@@ -47,15 +47,15 @@ def _reference(layer, x, keep=None):
     gates, the token-by-token recurrence, per-head RMS norm, output."""
     w = {v.path.split("/", 1)[1]: np.asarray(v.numpy(), np.float64) for v in layer.weights}
     x = np.asarray(x, np.float64)
-    proj = lambda n: np.einsum("btd,dhk->bthk", x, w[f"{n}/kernel"]) + w[f"{n}/bias"]  # noqa: E731
-    unit = lambda a: a / np.sqrt(np.sum(a**2, -1, keepdims=True) + 1e-12)  # noqa: E731
+    proj = lambda n: np.einsum("btd,dhk->bthk", x, w[f"{n}/kernel"]) + w[f"{n}/bias"]
+    unit = lambda a: a / np.sqrt(np.sum(a**2, -1, keepdims=True) + 1e-12)
     q, k, v = proj("query"), proj("key"), proj("value")
     if layer.conv_size:
         q, k, v = (
             _conv(a, w[f"{n}_conv/kernel"], keep) for a, n in zip((q, k, v), NAMES, strict=True)
         )
     q, k = unit(q), unit(k)
-    per_head = lambda n: np.einsum("btd,dh->bth", x, w[f"{n}/kernel"]) + w[f"{n}/bias"]  # noqa: E731
+    per_head = lambda n: np.einsum("btd,dh->bth", x, w[f"{n}/kernel"]) + w[f"{n}/bias"]
     gate = np.zeros(q.shape[:3])
     if layer.recurrence == "retention":
         gate = gate + retention_log_decay(HEADS)

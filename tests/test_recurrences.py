@@ -197,6 +197,16 @@ def test_gradients_match_reference(rng, op, gate, mode, dtype):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("op", OPS)
+def test_segmented_gradients_match_reference(rng, op, mode, monkeypatch):
+    """Sequences longer than SEGMENT_LENGTH run as rematerialised segments
+    (here 37 tokens: segments of 16, 16 and 5): same values and gradients,
+    the initial and returned states included."""
+    monkeypatch.setattr(klo.recurrences, "SEGMENT_LENGTH", 16)
+    test_gradients_match_reference(rng, op, "token", mode, "float32")
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("prompt", [1, 13, 32])
 @pytest.mark.parametrize("op,gate", [("gated", "token"), ("delta", "token"), ("delta", None)])
 def test_prefill_then_steps_equals_parallel(rng, op, gate, prompt, mode):

@@ -40,7 +40,7 @@ def head_dim(hidden_dim: int, num_heads: int, key_dim: int | None) -> int:
 
 def initializers(kernel_initializer, bias_initializer) -> dict:
     """Fresh initializer objects per sublayer, so seeded ones do not repeat."""
-    clone = lambda init: keras.initializers.get(keras.initializers.serialize(init))  # noqa: E731
+    clone = lambda init: keras.initializers.get(keras.initializers.serialize(init))
     return {
         "kernel_initializer": clone(kernel_initializer),
         "bias_initializer": clone(bias_initializer),
@@ -64,20 +64,27 @@ def attention_layer(kind: str, causal_state: bool, name: str, **kwargs) -> keras
 
 
 class FeedForward(keras.layers.Layer):
-    """Dense → activation → dropout → Dense → dropout (not serialized alone)."""
+    """Dense → activation → dropout → Dense → dropout (not serialized alone);
+    every sublayer takes this layer's dtype policy."""
 
     def __init__(self, intermediate_dim, activation, dropout, initializers, **kwargs):
         super().__init__(**kwargs)
         self._intermediate = keras.layers.Dense(
-            intermediate_dim, activation=activation, name="intermediate", **initializers
+            intermediate_dim,
+            activation=activation,
+            name="intermediate",
+            dtype=self.dtype_policy,
+            **initializers,
         )
-        self._hidden_dropout = keras.layers.Dropout(dropout)
-        self._output_dropout = keras.layers.Dropout(dropout)
+        self._hidden_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+        self._output_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
         self._initializers = initializers
         self._output = None
 
     def build(self, inputs_shape):
-        self._output = keras.layers.Dense(inputs_shape[-1], name="output", **self._initializers)
+        self._output = keras.layers.Dense(
+            inputs_shape[-1], name="output", dtype=self.dtype_policy, **self._initializers
+        )
         self._intermediate.build(inputs_shape)
         self._output.build((*inputs_shape[:-1], self._intermediate.units))
 
@@ -101,7 +108,12 @@ class _Untracked:
 
 
 class TransformerBlock(keras.layers.Layer):
-    """Arguments, config and sublayer factories shared by the encoder and decoder."""
+    """Arguments, config and sublayer factories shared by the encoder and decoder.
+
+    Every sublayer (attention and its φ, norms, feed-forward, dropout) is
+    created with the block's dtype policy, so `dtype="mixed_bfloat16"` on
+    the block runs all of it in bfloat16 with float32 variables.
+    """
 
     def __init__(
         self,
@@ -132,6 +144,9 @@ class TransformerBlock(keras.layers.Layer):
         # Held untracked: once built, it is the self-attention's (weights and
         # saved paths as before), and Keras would otherwise walk it twice.
         self._given_feature_map = _Untracked(fm_lib.get(feature_map))
+        # φ computes in the block's policy (as the attention will set it), so
+        # the config is the same before and after build.
+        self._given_feature_map.value.dtype_policy = self.dtype_policy
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.supports_masking = True
@@ -140,7 +155,9 @@ class TransformerBlock(keras.layers.Layer):
         return initializers(self.kernel_initializer, self.bias_initializer)
 
     def _norm(self, name, shape):
-        norm = keras.layers.LayerNormalization(epsilon=self.layer_norm_epsilon, name=name)
+        norm = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, name=name, dtype=self.dtype_policy
+        )
         norm.build(shape)
         return norm
 
@@ -166,6 +183,7 @@ class TransformerBlock(keras.layers.Layer):
             key_dim=key_dim,
             dropout=self.dropout,
             feature_map=feature_map,
+            dtype=self.dtype_policy,
             **self._initializers(),
             **extra,
         )
@@ -177,6 +195,7 @@ class TransformerBlock(keras.layers.Layer):
             self.dropout,
             self._initializers(),
             name="feedforward",
+            dtype=self.dtype_policy,
         )
         layer.build(shape)
         return layer

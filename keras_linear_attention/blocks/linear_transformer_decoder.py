@@ -115,7 +115,7 @@ class LinearTransformerDecoder(_sublayers.TransformerBlock):
             )
             self._cross_attention.build(inputs_shape, encoder_outputs_shape)
             self._cross_attention_norm = self._norm("cross_attention_norm", inputs_shape)
-        self._dropout_layer = keras.layers.Dropout(self.dropout)
+        self._dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         self._feedforward = self._feedforward_layer(inputs_shape)
         self._feedforward_norm = self._norm("feedforward_norm", inputs_shape)
 
@@ -159,7 +159,7 @@ class LinearTransformerDecoder(_sublayers.TransformerBlock):
         x = _sublayers.residual(inputs, self_attend, self._self_attention_norm, self.norm_first)
         if self._cross_attention is not None:
             x = _sublayers.residual(x, cross_attend, self._cross_attention_norm, self.norm_first)
-        feedforward = lambda y: self._feedforward(y, training=training)  # noqa: E731
+        feedforward = lambda y: self._feedforward(y, training=training)
         x = _sublayers.residual(x, feedforward, self._feedforward_norm, self.norm_first)
         return (x, state) if return_state else x
 

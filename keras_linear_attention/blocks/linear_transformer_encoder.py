@@ -86,7 +86,7 @@ class LinearTransformerEncoder(_sublayers.TransformerBlock):
         key_dim = _sublayers.head_dim(inputs_shape[-1], self.num_heads, self.key_dim)
         self._attention_layer = self._attention("self_attention", False, key_dim)
         self._attention_layer.build(inputs_shape, inputs_shape)
-        self._attention_dropout = keras.layers.Dropout(self.dropout)
+        self._attention_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         self._attention_norm = self._norm("self_attention_norm", inputs_shape)
         self._feedforward = self._feedforward_layer(inputs_shape)
         self._feedforward_norm = self._norm("feedforward_norm", inputs_shape)
@@ -102,7 +102,7 @@ class LinearTransformerEncoder(_sublayers.TransformerBlock):
             return self._attention_dropout(out, training=training)
 
         x = _sublayers.residual(inputs, attend, self._attention_norm, self.norm_first)
-        feedforward = lambda y: self._feedforward(y, training=training)  # noqa: E731
+        feedforward = lambda y: self._feedforward(y, training=training)
         return _sublayers.residual(x, feedforward, self._feedforward_norm, self.norm_first)
 
     def compute_output_shape(self, inputs_shape):

@@ -42,10 +42,15 @@ class _LocalFiles:
 class LocalFashionMNIST(FashionMNIST, skip_registration=True):
     """The TFDS `fashion_mnist` builder, reading idx files from `source_dir`.
 
-    Example (needs the Debian package):
+    Example (preparing needs the Debian package and takes a while):
 
-    >>> builder = LocalFashionMNIST(data_dir="/tmp/tfds")  # doctest: +SKIP
+    >>> import tempfile
+    >>> builder = LocalFashionMNIST(data_dir=tempfile.mkdtemp())
+    >>> builder.is_prepared()
+    False
     >>> builder.download_and_prepare()  # doctest: +SKIP
+    >>> builder.is_prepared()  # doctest: +SKIP
+    True
     """
 
     name = "fashion_mnist"

@@ -39,8 +39,8 @@ def saved_model_errors(model: keras.Model, path: str, x) -> dict:
     errors = {"serve": _max_err(loaded.signatures["serve"](tf.constant(x))["logits"], expected)}
     if "step" in loaded.signatures:
         sigs = loaded.signatures
-        prefill = lambda t: sigs["prefill"](token_ids=tf.constant(t))  # noqa: E731
-        step = lambda t, i, s: sigs["step"](token=tf.constant(t), index=tf.constant(i), **s)  # noqa: E731
+        prefill = lambda t: sigs["prefill"](token_ids=tf.constant(t))
+        step = lambda t, i, s: sigs["step"](token=tf.constant(t), index=tf.constant(i), **s)
         errors["prefill+step"] = _max_err(_run_stream(prefill, step, x), expected[:, -1])
     return errors
 

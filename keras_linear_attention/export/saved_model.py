@@ -17,9 +17,10 @@ def export_saved_model(model: keras.Model, path: str, verbose: bool = False) -> 
 
     Example:
 
+    >>> import tempfile
     >>> from keras_linear_attention.models import build_sequence_classifier
     >>> model = build_sequence_classifier(3, feature_dim=4, max_length=8)
-    >>> export_saved_model(model, "/tmp/kla_doctest_sm")
+    >>> export_saved_model(model, tempfile.mkdtemp())
     ['serve']
     """
     if keras.backend.backend() != "tensorflow":

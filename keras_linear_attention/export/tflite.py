@@ -21,7 +21,15 @@ def convert_to_tflite(
 
     Example:
 
-    >>> flatbuffer = convert_to_tflite("/tmp/kla_doctest_sm", "serve")  # doctest: +SKIP
+    >>> import tempfile
+    >>> from keras_linear_attention.export import export_saved_model
+    >>> from keras_linear_attention.models import build_sequence_classifier
+    >>> path = tempfile.mkdtemp()
+    >>> export_saved_model(build_sequence_classifier(3, feature_dim=4, max_length=8), path)
+    ['serve']
+    >>> flatbuffer = convert_to_tflite(path, "serve", "int8")
+    >>> flatbuffer[4:8]  # the TFLite file identifier
+    b'TFL3'
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(
@@ -37,8 +45,16 @@ def convert_to_tflite(
 
 
 def builtin_ops(flatbuffer: bytes) -> list[str]:
-    """Sorted names of the operators a TFLite model uses."""
-    from ai_edge_litert.interpreter import Interpreter
+    """Sorted names of the operators a TFLite model uses, in every subgraph.
 
-    interpreter = Interpreter(model_content=flatbuffer)
-    return sorted({op["op_name"] for op in interpreter._get_ops_details()})
+    A model whose length is dynamic holds the short-sequence and chunked
+    paths as the two branches (subgraphs) of an `IF`; the interpreter's op
+    list shows only the main subgraph, so the flatbuffer's operator codes are
+    read instead (a Flex or custom op is `CUSTOM` there).
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    codes = (max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes)
+    return sorted({names[code] for code in codes})

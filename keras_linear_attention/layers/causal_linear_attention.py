@@ -169,7 +169,7 @@ class CausalLinearAttention(LinearMultiHeadAttention):
             causal=True,
             training=training,
             initial_state=initial_state,
-            return_state=True,
+            return_state=return_state,
         )
         if keras_mask is not None:
             set_keras_mask(out, keras_mask)

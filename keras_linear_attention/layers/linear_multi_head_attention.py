@@ -47,8 +47,17 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
             T×S matrix. `None`/`False` only.
         feature_map: φ: `"elu"` (elu+1, default), `"relu"`, `"favor"`, a
             Keras layer (trainable φ) or a callable. See `feature_maps`.
+            φ takes this layer's dtype policy, as every sublayer does.
         eps: Added to the normaliser (default 1e-6).
         chunk_size: Tokens per chunk of the causal algorithm (speed only).
+        short_sequence_threshold: Sequences of at most this many positions
+            (query and key lengths) are computed through the explicit
+            masked T×S kernel matrix, which is faster there; longer ones in
+            linear time. The same result to float rounding (speed only).
+            None: the measured defaults, 256 causal and 64 non-causal
+            (`ops.causal`/`ops.noncausal.DEFAULT_SHORT_SEQUENCE_THRESHOLD`);
+            0: never. A length known only at run time is compared at run
+            time.
 
     Call arguments:
         query: `(B, T, dim)` (or `(B, *positions, dim)`).
@@ -93,10 +102,12 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         feature_map: Any = "elu",
         eps: float = la_ops.DEFAULT_EPS,
         chunk_size: int = la_ops.DEFAULT_CHUNK_SIZE,
+        short_sequence_threshold: int | None = None,
         **kwargs,
     ):
         _refuse_softmax_options(sliding_window, flash_attention)
         _check_knobs(dropout, eps, chunk_size)
+        la_ops.scores.check_threshold(short_sequence_threshold)
         # Keras's flash-attention bookkeeping does not apply; hand it
         # dropout=0 so a global `enable_flash_attention()` cannot object.
         super().__init__(
@@ -114,8 +125,13 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         self._flash_attention = False
         self._eps = float(eps)
         self._chunk_size = chunk_size
+        self._short_sequence_threshold = (
+            None if short_sequence_threshold is None else int(short_sequence_threshold)
+        )
         # One attention layer per φ instance: shared, it would not reload.
         self._feature_map = fm_lib.adopt(fm_lib.get(feature_map), self)
+        # φ runs inside this layer, in its dtype policy (as its other sublayers).
+        self._feature_map.dtype_policy = self.dtype_policy
 
     @property
     def feature_map(self) -> keras.layers.Layer:
@@ -128,6 +144,7 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
             feature_map=fm_lib.serialize(self._feature_map),
             eps=self._eps,
             chunk_size=self._chunk_size,
+            short_sequence_threshold=self._short_sequence_threshold,
         )
         return config
 
@@ -223,7 +240,14 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         else:
             phi_q = fm_lib.apply(self._feature_map, q, "query")
             phi_k = fm_lib.apply(self._feature_map, k, "key")
-            out = la_ops.linear_attention(phi_q, phi_k, v, key_mask=key_padding, eps=self._eps)
+            out = la_ops.linear_attention(
+                phi_q,
+                phi_k,
+                v,
+                key_mask=key_padding,
+                eps=self._eps,
+                short_sequence_threshold=self._short_sequence_threshold,
+            )
         out = ops.reshape(out, _concat_shape(ops.shape(out)[:1], q_positions, out.shape[-2:]))
         if gate is not None:
             out = out * gate
@@ -250,6 +274,7 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
             chunk_size=self._chunk_size,
             eps=self._eps,
             return_state=return_state,
+            short_sequence_threshold=self._short_sequence_threshold,
         )
         if fm_lib.maps_last_axis_only(self._feature_map):
             # φ on the chunks: what φ keeps for its gradient is then what the
@@ -300,7 +325,7 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
                 )
 
     def _key_padding(self, query, value, value_mask, key_mask, attention_mask, causal):
-        batch_pos = lambda x: tuple(x.shape[:-1])  # noqa: E731
+        batch_pos = lambda x: tuple(x.shape[:-1])
         if causal:
             _checks.check_dim(
                 "With use_causal_mask=True, the query length",

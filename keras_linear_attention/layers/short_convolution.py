@@ -49,10 +49,8 @@ class ShortConvolution(keras.layers.Layer):
         self.kernel_size = kernel_size
 
     def build(self, inputs_shape, keep_shape=None, window_shape=None):
-        identity = (
-            lambda shape, dtype=None: ops.concatenate(  # noqa: E731
-                [ops.zeros((shape[0] - 1, *shape[1:]), dtype), ops.ones((1, *shape[1:]), dtype)]
-            )
+        identity = lambda shape, dtype=None: ops.concatenate(
+            [ops.zeros((shape[0] - 1, *shape[1:]), dtype), ops.ones((1, *shape[1:]), dtype)]
         )
         # kernel[K − 1] weighs the current token, kernel[0] the oldest.
         self.kernel = self.add_weight(

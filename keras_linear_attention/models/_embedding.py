@@ -18,19 +18,21 @@ def check_sizes(**sizes) -> None:
         _checks.check_positive_int(name, value, allow_none=True)
 
 
-def position_layer(position: str, max_length: int | None):
+def position_layer(position: str, max_length: int | None, dtype=None):
     if position not in POSITIONS:
         raise ValueError(f"`position` must be one of {POSITIONS}; received {position!r}.")
     if position == "learned":
         if max_length is None:
             raise ValueError("`position='learned'` needs `max_length`.")
-        return PositionEmbedding(max_length, name="position_embedding")
+        return PositionEmbedding(max_length, name="position_embedding", dtype=dtype)
     if position == "sinusoidal":
-        return SinusoidalPositionEmbedding(name="position_embedding")
+        return SinusoidalPositionEmbedding(name="position_embedding", dtype=dtype)
     return None
 
 
-def token_embedding(vocabulary_size: int, hidden_dim: int, position: str, mask_zero=False):
+def token_embedding(
+    vocabulary_size: int, hidden_dim: int, position: str, mask_zero=False, dtype=None
+):
     """Token embedding; unit-scale with sinusoids, whose amplitude is 1 (Keras's
     default ±0.05 init would leave the tokens drowned by the positions)."""
     init = keras.initializers.RandomNormal(stddev=1.0) if position == "sinusoidal" else "uniform"
@@ -40,11 +42,12 @@ def token_embedding(vocabulary_size: int, hidden_dim: int, position: str, mask_z
         mask_zero=mask_zero,
         embeddings_initializer=init,
         name="token_embedding",
+        dtype=dtype,
     )
 
 
-def embed(x, position_embedding):
+def embed(x, position_embedding, dtype=None):
     """`x + positions(x)`, keeping the Keras mask of `x`."""
     if position_embedding is None:
         return x
-    return keras.layers.Add(name="add_positions")([x, position_embedding(x)])
+    return keras.layers.Add(name="add_positions", dtype=dtype)([x, position_embedding(x)])

@@ -21,6 +21,7 @@ def build_causal_lm(
     attention: str = "linear",
     position: str = "learned",
     conv_size: int | None = None,
+    dtype=None,
     name: str = "linear_transformer_lm",
 ) -> keras.Model:
     """A functional causal language model: token ids `(B, N)` → logits `(B, N, V)`.
@@ -47,6 +48,9 @@ def build_causal_lm(
         position: `"learned"`, `"sinusoidal"` or `"none"`.
         conv_size: Short convolution on q, k, v (recurrences other than
             "linear" only; see `CausalLinearAttention`).
+        dtype: Dtype policy of every layer but `lm_head`, e.g.
+            `"mixed_bfloat16"`; default: the global policy. The logits are
+            always float32.
         name: Model name.
 
     Example:
@@ -61,11 +65,11 @@ def build_causal_lm(
         num_layers=num_layers,
         max_length=max_length,
     )
-    positions = _embedding.position_layer(position, max_length)
+    positions = _embedding.position_layer(position, max_length, dtype)
     inputs = keras.Input((None,), dtype="int32", name="token_ids")
-    x = _embedding.token_embedding(vocabulary_size, hidden_dim, position)(inputs)
-    x = _embedding.embed(x, positions)
-    x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
+    x = _embedding.token_embedding(vocabulary_size, hidden_dim, position, dtype=dtype)(inputs)
+    x = _embedding.embed(x, positions, dtype)
+    x = keras.layers.Dropout(dropout, name="embedding_dropout", dtype=dtype)(x)
     for i in range(num_layers):
         x = LinearTransformerDecoder(
             num_heads,
@@ -75,7 +79,8 @@ def build_causal_lm(
             feature_map=feature_map,
             conv_size=conv_size,
             name=f"decoder_{i}",
+            dtype=dtype,
         )(x)
-    x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm", dtype=dtype)(x)
     logits = keras.layers.Dense(vocabulary_size, name="lm_head", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)

@@ -23,6 +23,7 @@ def build_sequence_classifier(
     attention: str = "linear",
     position: str = "learned",
     norm_first: bool = True,
+    dtype=None,
     name: str = "linear_transformer_classifier",
 ) -> keras.Model:
     """A functional Transformer classifier over variable-length sequences.
@@ -46,6 +47,9 @@ def build_sequence_classifier(
         attention: `"linear"` or `"softmax"` (same model with Keras MHA).
         position: `"learned"`, `"sinusoidal"` or `"none"`.
         norm_first: Pre-norm blocks.
+        dtype: Dtype policy of every layer but the `logits` head, e.g.
+            `"mixed_bfloat16"`; default: the global policy. The logits are
+            always float32.
         name: Model name.
 
     Example:
@@ -64,17 +68,18 @@ def build_sequence_classifier(
     )
     if (feature_dim is None) == (vocabulary_size is None):
         raise ValueError("Pass exactly one of `feature_dim` or `vocabulary_size`.")
-    positions = _embedding.position_layer(position, max_length)
+    positions = _embedding.position_layer(position, max_length, dtype)
     if vocabulary_size is not None:
         inputs = keras.Input((None,), dtype="int32", name="token_ids")
-        x = _embedding.token_embedding(vocabulary_size, hidden_dim, position, mask_zero=True)(
-            inputs
+        embedding = _embedding.token_embedding(
+            vocabulary_size, hidden_dim, position, mask_zero=True, dtype=dtype
         )
+        x = embedding(inputs)
     else:
         inputs = keras.Input((None, feature_dim), name="features")
-        x = keras.layers.Dense(hidden_dim, name="input_projection")(inputs)
-    x = _embedding.embed(x, positions)
-    x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
+        x = keras.layers.Dense(hidden_dim, name="input_projection", dtype=dtype)(inputs)
+    x = _embedding.embed(x, positions, dtype)
+    x = keras.layers.Dropout(dropout, name="embedding_dropout", dtype=dtype)(x)
     for i in range(num_layers):
         x = LinearTransformerEncoder(
             num_heads,
@@ -84,9 +89,10 @@ def build_sequence_classifier(
             feature_map=feature_map,
             norm_first=norm_first,
             name=f"encoder_{i}",
+            dtype=dtype,
         )(x)
     if norm_first:
-        x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
-    x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+        x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm", dtype=dtype)(x)
+    x = keras.layers.GlobalAveragePooling1D(name="pool", dtype=dtype)(x)
     logits = keras.layers.Dense(num_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)

@@ -18,9 +18,14 @@ from keras import ops
 
 from keras_linear_attention import _checks
 from keras_linear_attention import feature_maps as fm_lib
-from keras_linear_attention.ops import _chunked, _common
+from keras_linear_attention.ops import _chunked, _common, scores
 
 DEFAULT_CHUNK_SIZE = 64
+# Sequences of at most this many tokens take the explicit masked N×N path
+# (`scores.quadratic_attention`), longer ones the chunked algorithm. Chosen
+# by measurement (benchmarks/training_shapes.py: B = 32, 4 heads of 64,
+# model dim 256, forward+backward, TF graph and XLA on CPU).
+DEFAULT_SHORT_SEQUENCE_THRESHOLD = 256
 
 
 def causal_linear_attention(
@@ -32,6 +37,7 @@ def causal_linear_attention(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     eps: float = _common.DEFAULT_EPS,
     return_state: bool = False,
+    short_sequence_threshold: int | None = None,
 ) -> Any:
     """Causal linear attention: position i attends to keys j ≤ i.
 
@@ -52,6 +58,12 @@ def causal_linear_attention(
             on it beyond float rounding).
         eps: Added to the denominator.
         return_state: If True, also return the final `(kv, k_sum)` state.
+        short_sequence_threshold: Sequences of at most this many tokens
+            are computed through the explicit masked N×N kernel matrix
+            (the same result to float rounding, fewer and larger ops),
+            longer ones chunkwise. None: `DEFAULT_SHORT_SEQUENCE_THRESHOLD`
+            (256, measured); 0: always chunkwise. A length known only at
+            run time is compared at run time (a `cond`).
 
     Returns:
         `(B, N, H, M)` tensor in `value`'s dtype, and the final state if
@@ -67,7 +79,16 @@ def causal_linear_attention(
     (TensorShape([1, 100, 2, 4]), TensorShape([1, 2, 8, 4]), TensorShape([1, 2, 8]))
     """
     return _chunkwise(
-        phi_q, phi_k, value, None, key_mask, initial_state, chunk_size, eps, return_state
+        phi_q,
+        phi_k,
+        value,
+        None,
+        key_mask,
+        initial_state,
+        chunk_size,
+        eps,
+        return_state,
+        short_sequence_threshold,
     )
 
 
@@ -81,32 +102,81 @@ def causal_attention_of_projections(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     eps: float = _common.DEFAULT_EPS,
     return_state: bool = False,
+    short_sequence_threshold: int | None = None,
 ) -> Any:
     """`causal_linear_attention(φ(query), φ(key), value, ...)`, with φ applied
-    to the chunked tensors.
+    to the chunked tensors (short sequences: to the heads-first ones).
 
     For a φ that acts on the last axis alone (the built-in maps). The
     tensors φ keeps for its gradient are then the chunks the attention
     needs, not a second, unchunked copy: the attention layers use this.
     """
     return _chunkwise(
-        query, key, value, feature_map, key_mask, initial_state, chunk_size, eps, return_state
+        query,
+        key,
+        value,
+        feature_map,
+        key_mask,
+        initial_state,
+        chunk_size,
+        eps,
+        return_state,
+        short_sequence_threshold,
     )
 
 
-def _chunkwise(q, k, value, feature_map, key_mask, initial_state, chunk_size, eps, return_state):
-    """Checks, then the chunked algorithm; φ (if given) applied to the chunks."""
+def _chunkwise(
+    q, k, value, feature_map, key_mask, initial_state, chunk_size, eps, return_state, threshold
+):
+    """Checks, then the short (quadratic) path or the chunked algorithm; φ
+    (if given) applied to the tensors in the layout the path uses."""
     q, k, value = (ops.convert_to_tensor(t) for t in (q, k, value))
     names = ("phi_q", "phi_k", "value") if feature_map is None else ("query", "key", "value")
     _common.check_qkv(q, k, value, names=names)
     _checks.check_dim(f"{names[0]} length", q.shape[1], f"{names[1]} length", k.shape[1])
     _checks.check_positive_int("chunk_size", chunk_size)
+    scores.check_threshold(threshold)
+    factor = _common.nonempty_factor(k, names[1])
+    if key_mask is not None:
+        _common.check_key_mask(key_mask, q.shape[1], names[1])
+    args = (q, k, value, feature_map, key_mask, initial_state, eps, return_state)
+    short = scores.use_quadratic(threshold, DEFAULT_SHORT_SEQUENCE_THRESHOLD, scores.length(q))
+    if short is True:
+        result = _quadratic(*args)
+    elif short is False:
+        result = _chunked_path(*args, chunk_size)
+    else:
+        result = ops.cond(
+            short, lambda: _quadratic(*args), lambda: _chunked_path(*args, chunk_size)
+        )
+    out, state = result if return_state else (result, None)
+    out = _common.guard(out, factor)
+    return (out, state) if return_state else out
+
+
+def _quadratic(q, k, value, feature_map, key_mask, initial_state, eps, return_state):
+    """The short path: the explicit masked N×N matrix, heads first."""
+    q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, value))
+    if feature_map is not None:
+        q, k = fm_lib.apply(feature_map, q, "query"), fm_lib.apply(feature_map, k, "key")
+    acc = _common.accumulation_dtype(q, k, v)
+    q, k, v = _common.cast_all(acc, q, k, v)
+    if key_mask is not None:
+        keep = ops.reshape(ops.cast(key_mask, "bool"), (ops.shape(q)[0], 1, -1, 1))
+        k, v = ops.where(keep, k, 0), ops.where(keep, v, 0)
+    dims = (ops.shape(q)[0], q.shape[1], k.shape[3], v.shape[3])
+    state = check_state(initial_state, dims, acc)
+    state = None if state[0] is None else state
+    out, kv, k_sum = scores.quadratic_attention(q, k, v, True, eps, state, return_state)
+    out = ops.cast(out, value.dtype)
+    return (out, (kv, k_sum)) if return_state else out
+
+
+def _chunked_path(q, k, value, feature_map, key_mask, initial_state, eps, return_state, chunk_size):
+    """The chunked algorithm; φ (if given) applied to the chunks."""
     length = q.shape[1]
     chunk = _chunked.chunk_for(chunk_size, q)
     shape = (ops.shape(q)[0], ops.shape(q)[1], q.shape[2])
-    factor = _common.nonempty_factor(k, names[1])
-    if key_mask is not None:
-        _common.check_key_mask(key_mask, length, names[1])
     q, k, v = (_chunked.to_chunks(t, chunk) for t in (q, k, value))
     if feature_map is not None:
         q, k = fm_lib.apply(feature_map, q, "query"), fm_lib.apply(feature_map, k, "key")
@@ -117,7 +187,7 @@ def _chunkwise(q, k, value, feature_map, key_mask, initial_state, chunk_size, ep
     dims = (shape[0], shape[2], k.shape[2], v.shape[2])
     kv0, k_sum0 = check_state(initial_state, dims, acc)
     out, kv, k_sum = _chunked.chunked_causal_attention(q, k, v, kv0, k_sum0, shape, eps)
-    out = ops.cast(_common.guard(out, factor), value.dtype)
+    out = ops.cast(out, value.dtype)
     return (out, (kv, k_sum)) if return_state else out
 
 

@@ -6,7 +6,11 @@ from typing import Any
 
 from keras import ops
 
-from keras_linear_attention.ops import _common
+from keras_linear_attention.ops import _common, scores
+
+# Queries and keys both at most this long take the explicit T×S path
+# (`scores.quadratic_attention`); see `causal.DEFAULT_SHORT_SEQUENCE_THRESHOLD`.
+DEFAULT_SHORT_SEQUENCE_THRESHOLD = 64
 
 
 def linear_attention(
@@ -15,6 +19,7 @@ def linear_attention(
     value: Any,
     key_mask: Any = None,
     eps: float = _common.DEFAULT_EPS,
+    short_sequence_threshold: int | None = None,
 ) -> Any:
     """Kernel attention `φ(q_i)ᵀ S / (φ(q_i)ᵀ z + eps)` over all keys.
 
@@ -28,6 +33,12 @@ def linear_attention(
         value: Values, shape `(B, S, H, M)`.
         key_mask: Optional `(B, S)` mask, truthy for keys to keep.
         eps: Added to the denominator.
+        short_sequence_threshold: When the query and key lengths are both
+            at most this, compute through the explicit T×S kernel matrix
+            (the same result to float rounding), else through the `(D, M)`
+            sums. None: `DEFAULT_SHORT_SEQUENCE_THRESHOLD` (64, measured);
+            0: never. Lengths known only at run time are compared at run
+            time (a `cond`).
 
     Returns:
         Tensor of shape `(B, T, H, M)`.
@@ -43,13 +54,31 @@ def linear_attention(
     """
     phi_q, phi_k, value = (ops.convert_to_tensor(t) for t in (phi_q, phi_k, value))
     _common.check_qkv(phi_q, phi_k, value)
+    scores.check_threshold(short_sequence_threshold)
     out_dtype = value.dtype
     factor = _common.nonempty_factor(phi_k, "phi_k")
     acc = _common.accumulation_dtype(phi_q, phi_k, value)
     phi_q, phi_k, value = _common.cast_all(acc, phi_q, phi_k, value)
     phi_k, value = _common.mask_keys(phi_k, value, key_mask)
-    out = _global_attention(phi_q, phi_k, value, eps)
+    short = scores.use_quadratic(
+        short_sequence_threshold,
+        DEFAULT_SHORT_SEQUENCE_THRESHOLD,
+        scores.length(phi_q),
+        scores.length(phi_k),
+    )
+    args = (phi_q, phi_k, value, eps)
+    if short is True:
+        out = _quadratic(*args)
+    elif short is False:
+        out = _global_attention(*args)
+    else:
+        out = ops.cond(short, lambda: _quadratic(*args), lambda: _global_attention(*args))
     return ops.cast(_common.guard(out, factor), out_dtype)
+
+
+def _quadratic(q: Any, k: Any, v: Any, eps: float) -> Any:
+    """The short path: the explicit T×S matrix (`scores.quadratic_attention`)."""
+    return scores.quadratic_attention(*(_heads_first(t) for t in (q, k, v)), False, eps)[0]
 
 
 def _heads_first(x: Any) -> Any:
@@ -61,7 +90,7 @@ def _global_attention(q: Any, k: Any, v: Any, eps: float) -> Any:
     hand-written gradient: it reuses the forward pass's heads-first copies,
     the `(D, M)` state and the normaliser, and needs no broadcast division
     gradient or `(B, T, H, D)`-sized products besides its results."""
-    swap = lambda x: ops.swapaxes(x, 2, 3)  # noqa: E731
+    swap = lambda x: ops.swapaxes(x, 2, 3)
 
     @ops.custom_gradient
     def attend(q, k, v):

@@ -25,9 +25,11 @@ Delta rule: `U = T (β ⊙ V) − T (β ⊙ exp(b) ⊙ K) S` with
 batched over every chunk; only the `(D, M)` state passes from chunk to chunk
 (the delta rule: a scan over N/C chunks; without it, the chunk states are
 summed in closed form by `decayed_exclusive_prefix`, with no scan).
-Gradients are autodiff's, which keeps one state per chunk, never one per
-token. `gated_recurrence` and `delta_recurrence` in
-`tests/reference.py` run the same updates token by token in float64.
+Gradients are autodiff's (but for the inverse's, written by hand), which
+keeps one state per chunk, never one per token; sequences longer than
+`SEGMENT_LENGTH` are differentiated one rematerialised segment at a time.
+`gated_recurrence` and `delta_recurrence` in `tests/reference.py` run the
+same updates token by token in float64.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import keras
 from keras import ops
 
 from keras_linear_attention import _checks
@@ -190,7 +193,8 @@ def _chunked_recurrence(q, k, v, beta, log_gate, initial_state, return_state, ch
         None if x is None else _chunked.to_chunks(ops.cast(x, acc), chunk)
         for x in (q, k, v, log_gate, beta)
     ]
-    out, state = _chunks(*chunked, s0, batch * heads, min(chunk_size, q.shape[1] or chunk_size))
+    max_chunk = min(chunk_size, q.shape[1] or chunk_size)
+    out, state = _segmented_chunks(chunked, s0, batch * heads, max_chunk, q.shape[1])
     out = _chunked.from_chunks(out, batch, length, heads)
     out = ops.cast(_common.guard(out, factor), out_dtype)
     if not return_state:
@@ -219,10 +223,53 @@ def _token_gate(name: str, x: Any, q: Any, acc: str) -> Any:
     return ops.expand_dims(x, -1)
 
 
+# Longest sequence whose chunks are differentiated in one piece; see
+# `_segmented_chunks`.
+SEGMENT_LENGTH = 16384
+
+
+def _segmented_chunks(chunked, s0, groups, max_chunk, length):
+    """`_chunks` over consecutive segments of at most `SEGMENT_LENGTH` tokens,
+    each rematerialised (`keras.remat`): the backward pass recomputes one
+    segment's intra-chunk tensors at a time instead of keeping all of them
+    (measured, gated_delta at N = 65536: see benchmarks/README.md).
+
+    Only a length known when tracing is split; segment c's final state is
+    segment c+1's initial state, so gradients flow through it as they do
+    through the chunk scan.
+    """
+    n = 0 if length is None else -(-length // max_chunk)  # chunks
+    per_segment = max(1, SEGMENT_LENGTH // max_chunk)
+    if n <= per_segment:
+        return _chunks(*chunked, s0, groups, max_chunk)
+    has_beta = chunked[4] is not None
+    by_group = [None if x is None else ops.reshape(x, (groups, n, *x.shape[1:])) for x in chunked]
+
+    def segment(state, q, k, v, log_gate, *beta):
+        beta = beta[0] if has_beta else None
+        out, state = _chunks(q, k, v, log_gate, beta, state, groups, max_chunk)
+        # State first: TF's remat recomputes once the first output's gradient
+        # exists, and the state's comes only from the next segment's backward.
+        return state, out
+
+    outs = []
+    dims = (groups, chunked[1].shape[2], chunked[2].shape[2])
+    state = ops.zeros(dims, chunked[0].dtype) if s0 is None else s0
+    # Split, not sliced: a slice's gradient is an input-sized tensor per slice.
+    bounds = list(range(per_segment, n, per_segment))
+    pieces = [ops.split(x, bounds, axis=1) for x in by_group if x is not None]
+    for xs in zip(*pieces, strict=True):
+        xs = [ops.reshape(x, (-1, *x.shape[2:])) for x in xs]
+        state, out = keras.remat(segment)(ops.reshape(state, dims), *xs)
+        outs.append(ops.reshape(out, (groups, -1, *out.shape[1:])))
+    out = ops.concatenate(outs, axis=1)
+    return ops.reshape(out, (-1, *out.shape[2:])), state
+
+
 def _chunks(q, k, v, log_gate, beta, s0, groups, max_chunk):
     """The chunked algorithm on `(G*n, C, F)` chunks; returns `(out, S_final)`."""
     chunk = _chunked.chunk_length(q)
-    swap = lambda x: ops.swapaxes(x, 1, 2)  # noqa: E731
+    swap = lambda x: ops.swapaxes(x, 1, 2)
     b = ops.cumsum(log_gate, axis=1)  # (G*n, C, 1): inclusive, ≤ 0
     b_last = b[:, -1:]
     decay = _decay_matrix(b[:, :, 0], b[:, :, 0], ops.tril(ops.ones((chunk, chunk), "bool")))
@@ -251,9 +298,24 @@ def _unit_lower_inverse(a: Any, max_chunk: int) -> Any:
     everything in float32 once correlated keys make the powers of A large.
     """
     size = 2 ** max(0, math.ceil(math.log2(max(max_chunk, 1))))
-    chunk = ops.shape(a)[-1]
-    padded = ops.pad(a, [[0, 0], [0, size - chunk], [0, size - chunk]])
-    return _invert_by_halves(padded, size)[:, :chunk, :chunk]
+
+    # Hand-written gradient: d(I + A)⁻¹ = −X dA X gives ∇A = −Xᵀ G Xᵀ from X
+    # alone; autodiff would keep every level's matmul operands and replay
+    # log₂C levels (gated_delta at N = 65536: 9.7 s → 6.4 s per step).
+    @ops.custom_gradient
+    def inverse(a):
+        chunk = ops.shape(a)[-1]
+        padded = ops.pad(a, [[0, 0], [0, size - chunk], [0, size - chunk]])
+        x = _invert_by_halves(padded, size)[:, :chunk, :chunk]
+
+        def grad(*args, upstream=None):
+            upstream = args[0] if upstream is None else upstream  # TF / JAX
+            x_t = ops.swapaxes(x, -1, -2)
+            return -ops.matmul(ops.matmul(x_t, upstream), x_t)
+
+        return x, grad
+
+    return inverse(a)
 
 
 def _invert_by_halves(a: Any, size: int) -> Any:
@@ -277,8 +339,8 @@ def _scan_chunks(v, w, k_out, chunk_log_decay, s0, groups):
     the chunk contributions do not depend on S: they are batched and summed
     in closed form (no scan).
     """
-    time_major = lambda x: ops.moveaxis(ops.reshape(x, (groups, -1, *_dims(x)[1:])), 1, 0)  # noqa: E731
-    flat = lambda x: ops.reshape(ops.moveaxis(x, 0, 1), (-1, *_dims(x)[2:]))  # noqa: E731
+    time_major = lambda x: ops.moveaxis(ops.reshape(x, (groups, -1, *_dims(x)[1:])), 1, 0)
+    flat = lambda x: ops.reshape(ops.moveaxis(x, 0, 1), (-1, *_dims(x)[2:]))
     if w is None:
         added = ops.matmul(ops.swapaxes(k_out, 1, 2), v)  # (G*n, D, M)
         d, m = added.shape[1], added.shape[2]

@@ -23,9 +23,15 @@ class ClassifierHyperModel(kt.HyperModel):
 
     Example:
 
-    >>> tuner = kt.RandomSearch(  # doctest: +SKIP
-    ...     ClassifierHyperModel(10, feature_dim=49, max_length=16),
-    ...     objective="val_accuracy", max_trials=4)
+    >>> import tempfile
+    >>> hypermodel = ClassifierHyperModel(10, feature_dim=49, max_length=16)
+    >>> hypermodel.build(kt.HyperParameters()).output_shape  # the first choices
+    (None, 10)
+    >>> tuner = kt.RandomSearch(
+    ...     hypermodel, objective="val_accuracy", max_trials=4, directory=tempfile.mkdtemp()
+    ... )
+    >>> sorted(tuner.oracle.hyperparameters.values)
+    ['feature_map', 'hidden_dim', 'learning_rate', 'num_heads', 'num_layers']
     """
 
     def __init__(self, num_classes: int, feature_dim: int, max_length: int, jit_compile=False):
