@@ -54,6 +54,17 @@ class FeatureMap(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_dim(input_shape[-1]),)
 
+    def output_dtype(self, input_dtype: str) -> str:
+        """The dtype `call` returns: the compute dtype, unless a map computes
+        in float32 whatever the policy (FAVOR, Taylor, Hedgehog)."""
+        return self.compute_dtype
+
+    def compute_output_spec(self, x, *args, **kwargs):
+        # Keras's default spec takes the compute dtype: float16 under mixed
+        # precision, where these maps return float32.
+        shape = self.compute_output_shape(x.shape)
+        return keras.KerasTensor(shape, dtype=self.output_dtype(x.dtype))
+
     def redraw_if_due(self, training: Any = None) -> None:
         """Hook for random feature maps; deterministic maps do nothing."""
 
@@ -218,6 +229,9 @@ class FavorFeatureMap(FeatureMap):
         exponent = exponent - self._shift(exponent, role)
         return ops.exp(exponent) / math.sqrt(self.projection.shape[-1])
 
+    def output_dtype(self, input_dtype: str) -> str:
+        return "float32"
+
     def _shift(self, exponent: Any, role: str | None) -> Any:
         """What to subtract from the exponents of `role`'s features.
 
@@ -268,7 +282,11 @@ class FavorFeatureMap(FeatureMap):
 
 def _compute_dtype(x: Any) -> str:
     """float64 for float64 inputs, else float32 (also for float16 inputs)."""
-    return "float64" if _checks.dtype_name(x) == "float64" else "float32"
+    return _float32_or_64(_checks.dtype_name(x))
+
+
+def _float32_or_64(dtype: str) -> str:
+    return "float64" if dtype == "float64" else "float32"
 
 
 def _static_dim(x: Any, axis: int, what: str, owner: keras.layers.Layer) -> int:
@@ -326,6 +344,9 @@ class TaylorFeatureMap(FeatureMap):
         if not isinstance(compact, bool):
             raise TypeError(f"`compact` must be True or False; received {compact!r}.")
         self.compact = compact
+
+    def output_dtype(self, input_dtype: str) -> str:
+        return _float32_or_64(input_dtype)
 
     def output_dim(self, input_dim: int) -> int:
         d = int(input_dim)
@@ -408,6 +429,9 @@ class HedgehogFeatureMap(FeatureMap):
         self.num_features = num_features
         self.use_bias = use_bias
         self.separate_query_key = separate_query_key
+
+    def output_dtype(self, input_dtype: str) -> str:
+        return _float32_or_64(input_dtype)
 
     def output_dim(self, input_dim: int) -> int:
         return 2 * (self.num_features or int(input_dim))

@@ -1,11 +1,14 @@
 """Independent, obviously-correct reference: the explicit T×S kernel matrix.
 
 Written with plain TensorFlow ops in float64 (so it can be differentiated),
-sharing no code with the package: feature maps are re-implemented here.
+sharing no code with the package: feature maps are re-implemented here. The
+last section has the same formulas in `keras.ops`, for the checks that must
+differentiate the reference on every Keras backend (`test_backends.py`).
 """
 
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 EPS = 1e-6
 
@@ -150,3 +153,34 @@ def delta_recurrence_tf(q, k, v, beta, log_gate=None, s0=None):
         s = s + bt * kv
         o.append(tf.einsum("bhdm,bhd->bhm", s, q[:, i]))
     return tf.stack(o, 1), s
+
+
+# The explicit matrix and the (gated) delta rule in keras.ops, so that every
+# Keras backend can differentiate them (in the inputs' dtype: JAX runs without
+# x64 by default, so float64 would silently be float32 there).
+
+
+def kernel_attention_ops(q, k, v, key_mask, causal, eps=EPS):
+    """`kernel_attention` in keras.ops; `key_mask` (B, S) is required."""
+    a = ops.einsum("bthd,bshd->bhts", q, k) * ops.cast(key_mask[:, None, None, :], q.dtype)
+    if causal:
+        a = a * ops.cast(ops.tril(ops.ones(a.shape[-2:])), q.dtype)
+    a = a / (ops.sum(a, -1, keepdims=True) + eps)
+    return ops.einsum("bhts,bshm->bthm", a, v)
+
+
+def delta_recurrence_ops(q, k, v, beta, log_gate):
+    """The (gated) delta rule token by token in keras.ops (`beta` None: the
+    gated form, `gated_recurrence`), returning the outputs only."""
+    b, t, h, d = q.shape
+    state = ops.zeros((b, h, d, v.shape[-1]), q.dtype)
+    outs = []
+    for i in range(t):
+        kt, vt = k[:, i], v[:, i]
+        state = state * ops.exp(log_gate[:, i])[..., None, None]
+        if beta is not None:
+            recalled = ops.einsum("bhd,bhdm->bhm", kt, state)
+            vt = beta[:, i][..., None] * (vt - recalled)
+        state = state + ops.einsum("bhd,bhm->bhdm", kt, vt)
+        outs.append(ops.einsum("bhd,bhdm->bhm", q[:, i], state))
+    return ops.stack(outs, axis=1)

@@ -1,7 +1,9 @@
-"""Backend-agnostic checks: only `keras.ops` and NumPy, so they run under any
-Keras backend. CI runs this file a second time with `KERAS_BACKEND=jax`;
-the float64 NumPy reference is the same in both runs, and one test loads a
-`.keras` file saved here into the other backend and compares outputs.
+"""Backend-agnostic checks: only `keras.ops`, NumPy and the references of
+`reference.py`, so they run under any Keras backend. CI runs this file a
+second time with `KERAS_BACKEND=jax`; the float64 reference (TensorFlow ops,
+eager, whatever the Keras backend) is the same in both runs, the gradients are
+checked against its `keras.ops` twin, and one test loads a `.keras` file saved
+here into the other backend and compares outputs.
 """
 
 import importlib.util
@@ -14,6 +16,13 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from reference import (
+    delta_recurrence_ops,
+    elu_plus_one,
+    kernel_attention,
+    kernel_attention_ops,
+    layer_reference,
+)
 
 import keras_linear_attention as kla
 from keras_linear_attention.export import export_saved_model
@@ -21,21 +30,6 @@ from keras_linear_attention.generation import RecurrentLM, generate
 
 BACKEND = keras.backend.backend()
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def np_elu1(x):
-    return np.where(x > 0, x + 1, np.exp(np.minimum(x, 0)))
-
-
-def np_kernel_attention(q, k, v, mask=None, causal=False, eps=1e-6):
-    """The explicit (B, H, T, S) kernel matrix in float64 NumPy."""
-    a = np.einsum("bthd,bshd->bhts", q, k)
-    if mask is not None:
-        a = a * mask[:, None, None, :]
-    if causal:
-        a = a * np.tril(np.ones(a.shape[-2:]))
-    a = a / (a.sum(-1, keepdims=True) + eps)
-    return np.einsum("bhts,bshm->bthm", a, v)
 
 
 def grads(fn, *args):
@@ -68,7 +62,7 @@ def grads(fn, *args):
 
 
 def _qkv(rng, n, batch=2, heads=2, dim=4):
-    q, k = (np_elu1(rng.normal(size=(batch, n, heads, dim))) for _ in "qk")
+    q, k = (np.asarray(elu_plus_one(rng.normal(size=(batch, n, heads, dim)))) for _ in "qk")
     return q, k, rng.normal(size=(batch, n, heads, 3))
 
 
@@ -88,26 +82,15 @@ def test_ops_forward_and_gradients_match_numpy(rng, causal, n, chunk, threshold)
         return kla.linear_attention(q, k, v, key_mask=mask, short_sequence_threshold=threshold)
 
     out = ops.convert_to_numpy(ours(*(x.astype("float32") for x in (q, k, v))))
-    np.testing.assert_allclose(
-        out, np_kernel_attention(q, k, v, mask, causal), rtol=1e-4, atol=2e-5
-    )
+    np.testing.assert_allclose(out, kernel_attention(q, k, v, mask, causal), rtol=1e-4, atol=2e-5)
     # Gradients against the explicit matrix written in keras.ops, float32 (JAX
     # runs without x64 by default, so float64 would silently be float32).
     q, k, v = (x.astype("float32") for x in (q, k, v))
     ours_grads = grads(ours, q, k, v)
-    ref_grads = grads(lambda q, k, v: _ref_ops(q, k, v, mask, causal), q, k, v)
+    ref_grads = grads(lambda q, k, v: kernel_attention_ops(q, k, v, mask, causal), q, k, v)
     for a, b in zip(ours_grads, ref_grads, strict=True):
         a, b = ops.convert_to_numpy(a), ops.convert_to_numpy(b)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-def _ref_ops(q, k, v, mask, causal, eps=1e-6):
-    """`np_kernel_attention` in keras.ops, so every backend can differentiate it."""
-    a = ops.einsum("bthd,bshd->bhts", q, k) * ops.cast(mask[:, None, None, :], q.dtype)
-    if causal:
-        a = a * ops.cast(ops.tril(ops.ones(a.shape[-2:])), q.dtype)
-    a = a / (ops.sum(a, -1, keepdims=True) + eps)
-    return ops.einsum("bhts,bshm->bthm", a, v)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -120,33 +103,8 @@ def test_layer_matches_numpy_from_its_weights(rng, causal):
         for v in layer.weights
     }
 
-    def proj(name):
-        return np.einsum("btd,dhk->bthk", x, w[f"{name}/kernel"]) + w[f"{name}/bias"]
-
-    att = np_kernel_attention(
-        np_elu1(proj("query")), np_elu1(proj("key")), proj("value"), causal=causal
-    )
-    expected = (
-        np.einsum("bthk,hkd->btd", att, w["attention_output/kernel"]) + w["attention_output/bias"]
-    )
+    expected = layer_reference(w, x, x, causal=causal)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
-
-
-def _ref_recurrence_ops(q, k, v, beta, log_gate):
-    """The (gated) delta rule token by token in keras.ops (beta None: the
-    gated form), so every backend can differentiate it."""
-    b, t, h, d = q.shape
-    state = ops.zeros((b, h, d, v.shape[-1]), q.dtype)
-    outs = []
-    for i in range(t):
-        kt, vt = k[:, i], v[:, i]
-        state = state * ops.exp(log_gate[:, i])[..., None, None]
-        if beta is not None:
-            recalled = ops.einsum("bhd,bhdm->bhm", kt, state)
-            vt = beta[:, i][..., None] * (vt - recalled)
-        state = state + ops.einsum("bhd,bhm->bhdm", kt, vt)
-        outs.append(ops.einsum("bhd,bhdm->bhm", q[:, i], state))
-    return ops.stack(outs, axis=1)
 
 
 @pytest.mark.parametrize("delta", [False, True])
@@ -163,7 +121,7 @@ def test_recurrence_ops_forward_and_gradients_match(rng, delta, n, chunk):
         return kla.ops.gated_linear_attention(q, k, v, log_gate, chunk_size=chunk)
 
     def ref(q, k, v, log_gate, beta):
-        return _ref_recurrence_ops(q, k, v, beta if delta else None, log_gate)
+        return delta_recurrence_ops(q, k, v, beta if delta else None, log_gate)
 
     args = (q, k, v, log_gate, beta)
     np.testing.assert_allclose(

@@ -118,12 +118,6 @@ CASES = [
         r"`query` feature dim \(5\) must equal the size it was built with \(8\)",
     ),
     (
-        "layer: causal with T != S",
-        lambda: _lin()(X[:, :2], X, use_causal_mask=True),
-        ValueError,
-        r"use_causal_mask=True, the query length \(2\) must equal the key length \(5\)",
-    ),
-    (
         "layer: value_mask wrong shape",
         lambda: _lin()(X, X, value_mask=np.ones((2, 4))),
         ValueError,

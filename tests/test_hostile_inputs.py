@@ -142,13 +142,17 @@ def test_rank2_attention_mask_is_t_by_s_as_in_keras(rng, batch):
     ref = layer_reference(layer_weights(layer), x, x, causal=True)
     np.testing.assert_allclose(causal, ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(layer(x, x, attention_mask=tril, use_causal_mask=True), causal)
-    # Without use_causal_mask, tril is not key padding: refused in every mode.
-    with pytest.raises(ValueError, match="its query rows differ"):
-        layer(x, x, attention_mask=tril)
-    run = lambda x: layer(x, x, attention_mask=tril)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="its query rows differ"):
-        tf.function(run, input_signature=[SPEC_BT8])(x)
-    out = tf.function(run, input_signature=[SPEC_BT8], jit_compile=True)(x)
+    # Without use_causal_mask, tril is read as causal by its values (issue 18);
+    # a pattern that is neither padding nor causal is refused in every mode.
+    np.testing.assert_allclose(layer(x, x, attention_mask=tril), causal)
+    eye = np.eye(5, dtype=bool)
+    with pytest.raises(ValueError, match="not query padding times key padding"):
+        layer(x, x, attention_mask=eye)
+    run = lambda x, m: layer(x, x, attention_mask=m)  # a mask known at run time only
+    spec = [SPEC_BT8, tf.TensorSpec((5, 5), tf.bool)]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not query padding times key"):
+        tf.function(run, input_signature=spec)(x, eye)
+    out = tf.function(run, input_signature=spec, jit_compile=True)(x, eye)
     assert out.shape == x.shape and np.all(np.isnan(out))
 
 

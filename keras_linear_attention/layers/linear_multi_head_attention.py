@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import keras
@@ -13,7 +12,7 @@ from keras_linear_attention import feature_maps as fm_lib
 from keras_linear_attention import ops as la_ops
 from keras_linear_attention._keras_compat import get_keras_mask, set_keras_mask
 from keras_linear_attention.layers import _masks
-from keras_linear_attention.ops._common import guard
+from keras_linear_attention.ops._common import accumulation_dtype, guard
 
 PACKAGE = "keras_linear_attention"
 
@@ -63,22 +62,44 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         query: `(B, T, dim)` (or `(B, *positions, dim)`).
         value: `(B, S, dim)`.
         key: Optional `(B, S, dim)`; defaults to `value`.
-        query_mask: `(B, T)`; marks padded queries. Their outputs are
-            computed like any other and the mask is propagated.
+        query_mask: `(B, T)` (default: the Keras mask of `query`); False
+            marks a padded query: a fully masked row (see below). The
+            mask is propagated to the output.
         value_mask, key_mask: `(B, S)`; padded keys are removed from the sums.
         attention_mask: Read as Keras reads it: `(T, S)` (shared by every
             batch row), `(B, T, S)` or `(B, heads, T, S)`, where B, heads
-            and T may be 1. Linear attention computes key padding: all
-            query rows (and heads) must be identical, or, with
-            `use_causal_mask=True`, identical on and below the diagonal
-            (padding & causal, as keras-hub builds it). Anything else
-            raises; rows are compared at run time (in graphs an assertion,
-            under XLA a NaN output), which reads the T×S mask once.
+            and T may be 1. Linear attention computes exactly, and so
+            accepts, the masks that are, per batch row and alike for every
+            head, `rows[i] & keys[j]` (query padding times key padding) or
+            that `& (j <= i)` (causal: Keras's top-left `tril` of T×S, also
+            for T != S); with `use_causal_mask=True` the mask is first
+            ANDed with `tril`, as in Keras. Anything else raises a
+            `ValueError` naming `attention_mask`. The shape cannot tell
+            these apart, so the values decide, at the cost of a few
+            O(B·T·S) boolean passes over the mask (only when a dense mask
+            with a query axis is given). Values known at call time (NumPy,
+            eager or constant tensors, also inside `tf.function`) are read
+            then: the check raises at once and the causal choice is
+            static. A mask known only at run time is checked in the graph
+            (an assertion; under XLA, which drops assertions, a NaN
+            output), and without `use_causal_mask` the graph holds both
+            the causal and the global computation under a `cond`, one of
+            which runs.
+            Fully masked rows (a padded query, or one that sees no key):
+            Keras's default (fused, `dot_product_attention`) path gives
+            them the softmax of equal logits, the plain average of all S
+            values (padded and future ones included); so does this layer,
+            exactly (its `return_attention_scores` row is uniform, 1/S).
+            Keras's explicit-softmax path (dropout > 0, attention scores
+            returned, several attention axes) gives 0 there instead.
         return_attention_scores: Also return the normalised `(B, H, T, S)`
             kernel-attention matrix. This is a quadratic-cost diagnostic.
         training: Enables dropout and random-feature redraws.
-        use_causal_mask: Causal attention (T must equal S), computed
-            chunkwise with prefix sums; no T×S mask is built.
+        use_causal_mask: Causal attention, computed chunkwise with prefix
+            sums; no T×S mask is built. As in Keras, query i sees keys
+            j <= i also when T != S (top-left aligned: for S > T the last
+            S - T keys are seen by no query, for T > S queries i >= S see
+            every key).
 
     Example:
 
@@ -191,19 +212,27 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
             query_mask = get_keras_mask(query)
         for x in (query, value, key):
             set_keras_mask(x, None)
-        key_padding, factor = self._key_padding(
-            query, value, value_mask, key_mask, attention_mask, use_causal_mask
+        plan = _masks.plan(
+            query,
+            value,
+            self._num_heads,
+            attention_mask=attention_mask,
+            query_mask=query_mask,
+            value_mask=value_mask,
+            key_mask=key_mask,
+            causal=bool(use_causal_mask),
         )
         out, scores, _ = self._attend(
             query,
             key,
             value,
-            key_padding,
-            causal=use_causal_mask,
+            plan.keys,
+            causal=plan.causal,
             training=training,
             return_scores=return_attention_scores,
+            rows=plan.rows,
         )
-        out = guard(out, factor)
+        out = guard(out, plan.factor)
         if query_mask is not None:
             set_keras_mask(out, query_mask)
         return (out, scores) if return_attention_scores else out
@@ -219,9 +248,17 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         return_scores=False,
         initial_state=None,
         return_state=False,
+        rows=False,
     ):
         """Project, apply φ, run the linear-attention math, project back.
 
+        `key_padding` (B, S), `rows` (B, T) and `causal` as in
+        `_masks.Plan`; causal is top-left aligned (query i sees keys
+        j <= i, any T and S). With `rows` (None: no query padding), a query
+        that sees no key (a fully masked row) gets what Keras's fused
+        softmax path gives it, the plain average of all S values; with
+        `rows=False` (callers outside Keras's mask semantics, e.g. the
+        recurrent `CausalLinearAttention`) it gets 0, as the state does.
         Returns `(out, scores, state)`; scores and state are None unless
         asked for.
         """
@@ -234,13 +271,19 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         fm_lib.redraw_if_due(self._feature_map, training)
         v = self._dropout_layer(v, training=training)
         state = None
-        if causal:
-            result = self._causal_attention(q, k, v, key_padding, initial_state, return_state)
-            out, state = result if return_state else (result, None)
-        else:
+        t, s = _length(q), _length(k)
+        plan = _masks.Plan(key_padding, None if rows is False else rows, causal, None)
+
+        def causal_path():
+            if query is key or query is value:  # self-attention: T == S
+                return self._causal_attention(q, k, v, key_padding, initial_state, return_state)
+            kc, vc, keys = _masks.align_causal_keys(k, v, key_padding, t)
+            return self._causal_attention(q, kc, vc, keys, initial_state, return_state)
+
+        def global_path():
             phi_q = fm_lib.apply(self._feature_map, q, "query")
             phi_k = fm_lib.apply(self._feature_map, k, "key")
-            out = la_ops.linear_attention(
+            return la_ops.linear_attention(
                 phi_q,
                 phi_k,
                 v,
@@ -248,19 +291,42 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
                 eps=self._eps,
                 short_sequence_threshold=self._short_sequence_threshold,
             )
+
+        if causal is True:
+            result = causal_path()
+            out, state = result if return_state else (result, None)
+        elif causal is False:
+            out = global_path()
+        else:  # decided by a dense mask's values at run time
+            out = ops.cond(causal, causal_path, global_path)
+        visible = None if rows is False else _masks.visible_rows(plan, t, s)
+        if visible is not None:
+            # Keras (fused path) gives a fully masked row the softmax of
+            # equal logits: the plain average of all S values.
+            acc = accumulation_dtype(v)
+            average = ops.mean(ops.cast(v, acc), axis=1, keepdims=True)
+            keep = ops.reshape(visible, (ops.shape(visible)[0], -1, 1, 1))
+            out = ops.where(keep, out, ops.cast(average, out.dtype))
         out = ops.reshape(out, _concat_shape(ops.shape(out)[:1], q_positions, out.shape[-2:]))
         if gate is not None:
             out = out * gate
         out = self._output_dense(out)
         scores = None
         if return_scores:
-            scores = la_ops.kernel_attention_scores(
+            phi = (
                 fm_lib.apply(self._feature_map, q, "query"),
                 fm_lib.apply(self._feature_map, k, "key"),
-                key_mask=key_padding,
-                causal=causal,
-                eps=self._eps,
             )
+            score = lambda c: la_ops.kernel_attention_scores(
+                *phi, key_mask=key_padding, causal=c, eps=self._eps
+            )
+            if isinstance(causal, bool):
+                scores = score(causal)
+            else:
+                scores = ops.where(causal, score(True), score(False))
+            if visible is not None:  # fully masked rows: uniform, as `out`
+                keep = ops.reshape(visible, (ops.shape(visible)[0], 1, -1, 1))
+                scores = ops.where(keep, scores, 1.0 / ops.cast(s, scores.dtype))
             scores = ops.reshape(
                 ops.cast(scores, self.compute_dtype),
                 _concat_shape(ops.shape(scores)[:2], q_positions, k_positions),
@@ -324,27 +390,6 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
                     dense.kernel.shape[0],
                 )
 
-    def _key_padding(self, query, value, value_mask, key_mask, attention_mask, causal):
-        batch_pos = lambda x: tuple(x.shape[:-1])
-        if causal:
-            _checks.check_dim(
-                "With use_causal_mask=True, the query length",
-                _num_positions(query),
-                "the key length",
-                _num_positions(value),
-            )
-        masks = [
-            _masks.flatten_mask("value_mask", value_mask, batch_pos(value)),
-            _masks.flatten_mask("key_mask", key_mask, batch_pos(value)),
-        ]
-        factor = None
-        if attention_mask is not None:
-            row, factor = _masks.key_padding_from_attention_mask(
-                attention_mask, query, value, self._num_heads, causal
-            )
-            masks.append(row)
-        return _masks.combine(*masks), factor
-
     def compute_output_spec(
         self,
         query,
@@ -379,9 +424,9 @@ def _concat_shape(*parts: Any) -> tuple:
     return tuple(d for part in parts for d in part)
 
 
-def _num_positions(x: Any) -> int | None:
-    dims = x.shape[1:-1]
-    return None if any(d is None for d in dims) else math.prod(dims)
+def _length(x: Any) -> Any:
+    """`x.shape[1]`, or a scalar tensor when known only at run time."""
+    return x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
 
 
 def _refuse_softmax_options(sliding_window: Any, flash_attention: Any) -> None:
