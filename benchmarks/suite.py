@@ -191,6 +191,11 @@ def main(argv=None) -> dict:
     p.add_argument("--memory-limit", type=float, default=16, help="GiB per process")
     p.add_argument("--jit", choices=["both", "off", "on"], default="both", help="XLA or not")
     p.add_argument("--quick", action="store_true", help="N = 128, one repeat (a smoke test)")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="run only the recurrence rows and merge them into the --out folder's suite.json",
+    )
     args = p.parse_args(argv)
     chunks, processes = SWEEP_CHUNKS, MEMORY_PROCESSES
     if args.quick:
@@ -205,6 +210,9 @@ def main(argv=None) -> dict:
     configs = configurations(
         args.lengths, args.sweep_lengths, args.fit_length, jits, chunks, processes
     )
+    out = Path(args.out)
+    if args.merge:
+        configs = [c for c in configs if _is_recurrence_row(c)]
     started = time.time()
     report = {
         "machine": machine(),
@@ -212,7 +220,8 @@ def main(argv=None) -> dict:
         "results": run_all(configs, common, args.timeout),
         "suite_seconds": time.time() - started,
     }
-    out = Path(args.out)
+    if args.merge:
+        report = _merged(json.loads((out / "suite.json").read_text()), report)
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.json").write_text(json.dumps(report, indent=1))
     figures.plot_all(report, out)
@@ -220,6 +229,23 @@ def main(argv=None) -> dict:
     (out / "targets.md").write_text(table)
     print(table)
     return report
+
+
+def _is_recurrence_row(cfg: dict) -> bool:
+    impls = [cfg["impl"]] if "impl" in cfg else cfg.get("impls", [])
+    return any(impl in RECURRENCE_IMPLS for impl in impls)
+
+
+def _merged(report: dict, rows: dict) -> dict:
+    """`report` with its recurrence rows replaced by those of `rows` (a
+    `--merge` run on the same machine kind), recorded under `merged_runs`."""
+    kept = [r for r in report["results"] if not _is_recurrence_row(r)]
+    merged = {k: v for k, v in rows.items() if k != "results"}
+    return {
+        **report,
+        "results": kept + rows["results"],
+        "merged_runs": [*report.get("merged_runs", []), merged],
+    }
 
 
 sys.path.insert(0, str(HERE))  # figures.py and targets.py live beside this file

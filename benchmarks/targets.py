@@ -97,9 +97,10 @@ def rows(report: dict) -> list:
             name = f"{impl} peak process memory, N=65536 ({stat} of its processes)"
             out.append((name, *vals, 3072.0, True, " MiB"))
     for impl, limit in (("retention", 1.3), ("gated", 1.3), ("delta", 2.5), ("gated_delta", 2.5)):
-        paired, separate = res.both(f"{impl}_layer", "causal_layer", 4096)
+        # Pair runs only: `suite.py --merge` may add these rows to an older run.
+        paired, _ = res.both(f"{impl}_layer", "causal_layer", 4096)
         name = f"recurrence {impl} / linear (CausalLinearAttention), N=4096"
-        out.append((name, *paired, limit, True, "×", separate))
+        out.append((name, *paired, limit, True, "×"))
     paired, separate = res.both("linear", "projections", 16384)
     name = "non-causal layer / its projections, N=16384"
     out.append((name, *paired, 1.25, True, "×", separate))

@@ -485,7 +485,12 @@ class HedgehogFeatureMap(FeatureMap):
                     'attention layer its own map: feature_map="hedgehog" or a config.'
                 )
         dtype = _compute_dtype(x)
-        z = ops.einsum("...hd,hdf->...hf", ops.cast(x, dtype), ops.cast(kernel, dtype))
+        # Leading axes flattened first: the TF gradient of "...hd,hdf->...hf"
+        # w.r.t. the kernel materialises the broadcast product (measured 50×
+        # slower, most of a training step at B = 64, T = 64, H = 2, D = 32).
+        flat = ops.reshape(ops.cast(x, dtype), (-1, heads, dim))
+        z = ops.einsum("nhd,hdf->nhf", flat, ops.cast(kernel, dtype))
+        z = ops.reshape(z, (*ops.shape(x)[:-1], kernel.shape[-1]))
         if bias is not None:
             z = z + ops.cast(bias, dtype)
         return ops.concatenate([ops.softmax(z, axis=-1), ops.softmax(-z, axis=-1)], axis=-1)

@@ -225,7 +225,7 @@ def _token_gate(name: str, x: Any, q: Any, acc: str) -> Any:
 
 # Longest sequence whose chunks are differentiated in one piece; see
 # `_segmented_chunks`.
-SEGMENT_LENGTH = 16384
+SEGMENT_LENGTH = 8192
 
 
 def _segmented_chunks(chunked, s0, groups, max_chunk, length):
