@@ -47,6 +47,20 @@ def in_mode(fn, mode):
     return tf.function(fn, jit_compile=(mode == "xla"), reduce_retracing=False)
 
 
+def prefill_then_steps(layer, x, prompt, mode):
+    """A causal `layer` on `x[:, :prompt]` from its initial state, then one
+    position per call with the state carried (`mode` as in `in_mode`).
+    Returns the outputs concatenated along the sequence, the state the
+    prompt left and the final state."""
+    call = in_mode(lambda x, state: layer(x, initial_state=state, return_state=True), mode)
+    out, prompt_state = call(x[:, :prompt], layer.get_initial_state(x.shape[0]))
+    outs, state = [out], prompt_state
+    for t in range(prompt, x.shape[1]):
+        out, state = call(x[:, t : t + 1], state)
+        outs.append(out)
+    return tf.concat(outs, 1), prompt_state, state
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

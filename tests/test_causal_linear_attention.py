@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import MODES, assert_close, in_mode
+from conftest import MODES, assert_close, prefill_then_steps
 from reference import layer_reference, layer_weights
 
 import keras_linear_attention as kla
@@ -31,13 +31,8 @@ def test_prefill_then_step_equals_parallel(rng, mode, feature_map):
     layer = _layer(feature_map=fmap, chunk_size=4, short_sequence_threshold=0)
     x = _x(rng, 2, 19, DIM)
     full = layer(x)
-    call = in_mode(lambda x, state: layer(x, initial_state=state, return_state=True), mode)
-    out, state = call(x[:, :7], layer.get_initial_state(2))
-    outs = [out]
-    for t in range(7, 19):
-        out, state = call(x[:, t : t + 1], state)
-        outs.append(out)
-    assert_close(f"causal layer prefill+step ({feature_map})", tf.concat(outs, 1), full, **TOL)
+    stepped, _, _ = prefill_then_steps(layer, x, 7, mode)
+    assert_close(f"causal layer prefill+step ({feature_map})", stepped, full, **TOL)
     if feature_map == "elu":
         ref = layer_reference(layer_weights(layer), x, x, causal=True)
         assert_close("causal layer vs reference", full, ref, **TOL)

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import MODES, assert_close, in_mode
+from conftest import MODES, assert_close, in_mode, prefill_then_steps
 from reference import (
     causal_attention_with_state,
     elu_plus_one,
@@ -234,13 +234,8 @@ def test_causal_layer_prefill_then_steps_equals_parallel(rng, mode):
     layer._short_sequence_threshold = NEVER
     full = layer(x)
     layer._short_sequence_threshold = ALWAYS
-    call = in_mode(lambda x, state: layer(x, initial_state=state, return_state=True), mode)
-    out, state = call(x[:, :5], layer.get_initial_state(2))
-    outs = [out]
-    for t in range(5, 12):
-        out, state = call(x[:, t : t + 1], state)
-        outs.append(out)
-    assert_close("short path prefill+step vs chunked", tf.concat(outs, 1), full, **TOL)
+    stepped, _, state = prefill_then_steps(layer, x, 5, mode)
+    assert_close("short path prefill+step vs chunked", stepped, full, **TOL)
     layer._short_sequence_threshold = NEVER
     _, expected = layer(x, return_state=True)
     _close("short path final state", state, expected, dict(rtol=1e-5, atol=1e-4))

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import MODES, assert_close, in_mode
+from conftest import MODES, assert_close, in_mode, prefill_then_steps
 from reference import EPS, layer_weights
 
 import keras_linear_attention as kla
@@ -318,14 +318,9 @@ def test_prefill_then_steps_equal_parallel(rng, config, mode):
         if mode != "eager" and path == "short":
             continue
         full = layer(x)
-        call = in_mode(lambda x, s, layer=layer: layer(x, initial_state=s, return_state=True), mode)
-        out, state = call(x[:, :6], layer.get_initial_state(2))
+        stepped, state, _ = prefill_then_steps(layer, x, 6, mode)
         assert state[0].shape == (2, HEADS, layer.state_shapes[0][1], KEY_DIM)
-        outs = [out]
-        for t in range(6, LENGTH):
-            out, state = call(x[:, t : t + 1], state)
-            outs.append(out)
-        assert_close(f"{config} {path} prefill+step", tf.concat(outs, 1), full, 1e-5, 1e-6)
+        assert_close(f"{config} {path} prefill+step", stepped, full, 1e-5, 1e-6)
 
 
 def test_hedgehog_trains_with_the_model_and_reloads(rng, tmp_path):
