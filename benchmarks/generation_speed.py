@@ -72,7 +72,7 @@ class CachedSoftmaxStep:
         new = []
         for i, block in enumerate(self.blocks):
             h = block._self_attention_norm(x)
-            attn, k, v = self._attend(
+            attn, k, v = self._compute_attention(
                 block._self_attention, h, caches[2 * i], caches[2 * i + 1], index
             )
             x = x + attn

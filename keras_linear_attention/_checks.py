@@ -76,7 +76,7 @@ def assert_at_runtime(condition: Any, message: str) -> Any:
     """Check a data-dependent `condition` wherever the backend allows it.
 
     Eager: raises `ValueError(message)` at once. TensorFlow graph: adds an
-    assertion op. Returns a float 1.0/NaN factor that the caller multiplies
+    assertion op. Returns a float 1.0/NaN validity multiplier that the caller multiplies
     into its output, so a violated condition is never silent under XLA,
     which drops assertion ops.
     """
@@ -90,7 +90,7 @@ def checked(x: Any, condition: Any, message: str, *data: Any) -> Any:
     In a TensorFlow graph `x` depends on the assertion, so it fails with
     `message` before any op that would fail on `x` with a shape error of
     its own; under XLA, which drops assertions, a float `x` is NaN instead
-    (for other dtypes the caller keeps a factor). `data` (tensors) are
+    (for other dtypes the caller keeps the 1.0/NaN multiplier). `data` (tensors) are
     printed after `message` when the assertion fails.
     """
     assertion = _assert(condition, message, *data)

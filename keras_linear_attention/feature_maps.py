@@ -96,7 +96,7 @@ def elu_plus_one(x: Any) -> Any:
             upstream = args[0] if upstream is None else upstream  # TF / JAX
             # `after`: else TF computes min(φ, 1) in the forward pass and
             # keeps it, a second φ-sized tensor, until this gradient runs.
-            slope = ops.minimum(_common.after(phi, upstream), ops.cast(1.0, phi.dtype))
+            slope = ops.minimum(_common.scheduled_after(phi, upstream), ops.cast(1.0, phi.dtype))
             return upstream * slope
 
         return phi, grad

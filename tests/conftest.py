@@ -61,6 +61,18 @@ def prefill_then_steps(layer, x, prompt, mode):
     return tf.concat(outs, 1), prompt_state, state
 
 
+def seeded_mha(num_heads=2, key_dim=4, **kwargs):
+    """A `LinearMultiHeadAttention` whose weights are seeded draws of scale
+    0.5 (biases included), large enough that errors in any path show."""
+    import keras
+
+    import keras_linear_attention as kla
+
+    kwargs.setdefault("kernel_initializer", keras.initializers.RandomNormal(0.0, 0.5, seed=1))
+    kwargs.setdefault("bias_initializer", keras.initializers.RandomNormal(0.0, 0.5, seed=2))
+    return kla.LinearMultiHeadAttention(num_heads=num_heads, key_dim=key_dim, **kwargs)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

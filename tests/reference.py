@@ -44,21 +44,23 @@ def kernel_attention(phi_q, phi_k, v, key_mask=None, causal=False, eps=EPS):
     return tf.einsum("bhts,bshm->bthm", a, v)
 
 
-def causal_attention_with_state(phi_q, phi_k, v, kv0, k_sum0, key_mask=None, eps=EPS):
-    """Causal kernel attention seeded with a state `(kv0, k_sum0)` as if it
+def causal_attention_with_state(phi_q, phi_k, v, initial_kv, initial_k_sum, key_mask=None, eps=EPS):
+    """Causal kernel attention seeded with a state `(initial_kv, initial_k_sum)` as if it
     summed earlier keys; returns `(out, (kv, k_sum))`, the final state being
     the plain masked sums. Explicit T×T matrix, float64."""
-    phi_q, phi_k, v, kv0, k_sum0 = (tf.cast(t, tf.float64) for t in (phi_q, phi_k, v, kv0, k_sum0))
+    phi_q, phi_k, v, initial_kv, initial_k_sum = (
+        tf.cast(t, tf.float64) for t in (phi_q, phi_k, v, initial_kv, initial_k_sum)
+    )
     if key_mask is not None:
         keep = tf.cast(key_mask, tf.float64)[:, :, None, None]
         phi_k, v = phi_k * keep, v * keep
     n = phi_q.shape[1]
     a = tf.einsum("bthd,bshd->bhts", phi_q, phi_k) * np.tril(np.ones((n, n)))
-    numerator = tf.einsum("bhts,bshm->bthm", a, v) + tf.einsum("bthd,bhdm->bthm", phi_q, kv0)
-    denominator = tf.reduce_sum(a, -1) + tf.einsum("bthd,bhd->bht", phi_q, k_sum0)
+    numerator = tf.einsum("bhts,bshm->bthm", a, v) + tf.einsum("bthd,bhdm->bthm", phi_q, initial_kv)
+    denominator = tf.reduce_sum(a, -1) + tf.einsum("bthd,bhd->bht", phi_q, initial_k_sum)
     out = numerator / (tf.transpose(denominator, (0, 2, 1))[..., None] + eps)
-    kv = kv0 + tf.einsum("bshd,bshm->bhdm", phi_k, v)
-    return out, (kv, k_sum0 + tf.reduce_sum(phi_k, 1))
+    kv = initial_kv + tf.einsum("bshd,bshm->bhdm", phi_k, v)
+    return out, (kv, initial_k_sum + tf.reduce_sum(phi_k, 1))
 
 
 def layer_weights(layer, dtype=tf.float64):
@@ -184,3 +186,44 @@ def delta_recurrence_ops(q, k, v, beta, log_gate):
         state = state + ops.einsum("bhd,bhm->bhdm", kt, vt)
         outs.append(ops.einsum("bhd,bhdm->bhm", q[:, i], state))
     return ops.stack(outs, axis=1)
+
+
+# Taylor and Hedgehog feature maps, and a layer through an explicit kernel.
+
+
+def taylor_kernel(q, k):
+    """`1 + s + s²/2`, `s = q·k/√D`: (B, T, H, D), (B, S, H, D) -> (B, H, T, S)."""
+    s = tf.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    return 1.0 + s + 0.5 * s * s
+
+
+def hedgehog(x, kernel, bias=None):
+    """`[softmax(Wᵀx + b), softmax(−Wᵀx − b)]` per head; x (..., H, D), W (H, D, F)."""
+    z = tf.einsum("...hd,hdf->...hf", x, kernel)
+    if bias is not None:
+        z = z + bias
+    return tf.concat([tf.nn.softmax(z, -1), tf.nn.softmax(-z, -1)], -1)
+
+
+def np_softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def kernel_layer_reference(w, x, kernel, causal, key_mask=None):
+    """A LinearMultiHeadAttention forward pass from its weights `w` through
+    the explicit T×S matrix of `kernel`, normalised row by row (+ eps)."""
+
+    def proj(name):
+        return tf.einsum("btd,dhk->bthk", x, w[f"{name}/kernel"]) + w[f"{name}/bias"]
+
+    a = kernel(proj("query"), proj("key"))
+    if key_mask is not None:
+        a = a * tf.cast(key_mask, tf.float64)[:, None, None, :]
+    if causal:
+        a = a * np.tril(np.ones(a.shape[-2:]))
+    a = a / (tf.reduce_sum(a, -1, keepdims=True) + EPS)
+    out = tf.einsum("bhts,bshm->bthm", a, proj("value"))
+    return (
+        tf.einsum("bthk,hkd->btd", out, w["attention_output/kernel"]) + w["attention_output/bias"]
+    )

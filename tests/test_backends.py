@@ -186,7 +186,7 @@ def test_greedy_generation_equals_parallel_recomputation(lm):
 def test_prefill_then_steps_equals_parallel_logits(lm):
     runner = RecurrentLM(lm)
     tokens = np.array([[3, 1, 4, 1, 5, 9, 2, 6]], np.int32)
-    states = runner.initial_state(1)
+    states = runner.get_initial_state(1)
     for i in range(tokens.shape[1]):
         logits, states = runner.step(ops.convert_to_tensor(tokens[:, i]), states, i)
     expected = ops.convert_to_numpy(lm(tokens))[:, -1]

@@ -76,7 +76,7 @@ def _call(layer, how, x, encoder_outputs):
     return out, state
 
 
-def _sublayers(layer):
+def transformer_block(layer):
     return list(layer._flatten_layers(include_self=False, recursive=True))
 
 
@@ -87,7 +87,7 @@ def _float32_twin(layer):
 
 def _check_policy_is_passed_down(layer, policy):
     assert layer.dtype_policy.name == policy
-    subs = _sublayers(layer)
+    subs = transformer_block(layer)
     assert subs, "no sublayers found"
     wrong = {s.path or s.name: s.dtype_policy.name for s in subs if s.dtype_policy.name != policy}
     assert not wrong, wrong
@@ -167,7 +167,7 @@ def test_model_builders_pass_the_policy_to_every_layer_but_the_head(build, input
     head = model.layers[-1]
     assert head.dtype_policy.name == "float32"  # the logits stay float32
     body = model.layers[1:-1]  # after the input layer, before the head
-    layers = body + [s for layer in body for s in _sublayers(layer)]
+    layers = body + [s for layer in body for s in transformer_block(layer)]
     wrong = {s.name: s.dtype_policy.name for s in layers if s.dtype_policy.name != policy}
     assert not wrong, wrong
     out = model(inputs)

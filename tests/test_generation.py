@@ -37,7 +37,7 @@ def test_prefill_state_equals_token_by_token_state(lm):
     runner = RecurrentLM(lm)
     tokens = tf.constant([[3, 1, 4, 1, 5, 9, 2, 6]])
     logits, prefilled = runner.prefill(tokens)
-    states = runner.initial_state(1)
+    states = runner.get_initial_state(1)
     for i in range(tokens.shape[1]):
         step_logits, states = runner.step(tokens[:, i], states, i)
     for a, b in zip(prefilled, states, strict=True):

@@ -224,7 +224,7 @@ def _bad_batch_state_cases():
     )
     return [
         (layer_fn, np.ones((8, 1, 8), "float32"), layer.get_initial_state),
-        (step_fn, np.ones((8, 2, 4), "float32"), lambda b: kla.ops.initial_state(b, 2, 4, 4)),
+        (step_fn, np.ones((8, 2, 4), "float32"), lambda b: kla.ops.zero_state(b, 2, 4, 4)),
     ]
 
 
@@ -241,7 +241,7 @@ def test_state_of_another_batch_is_named_in_graphs():
 
 def test_state_of_another_batch_in_the_recurrent_lm_graph(lm):
     runner = RecurrentLM(lm, jit_compile=False)
-    states = runner.initial_state(4)
+    states = runner.get_initial_state(4)
     state_spec = tuple(tf.TensorSpec((None, *s.shape[1:])) for s in states)
     spec = [tf.TensorSpec((None,), tf.int32), state_spec]
     step = tf.function(lambda t, s: runner.step(t, s, 3), input_signature=spec)
@@ -271,7 +271,7 @@ def lm():
 )
 def test_mismatched_states_to_the_recurrent_step(lm, states, pattern):
     runner = RecurrentLM(lm, jit_compile=False)
-    good = runner.initial_state(2)
+    good = runner.get_initial_state(2)
     with pytest.raises((ValueError, TypeError), match=pattern):
         runner.step(tf.constant([1, 2]), states(good), 0)
 

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import MODES, assert_close, in_mode
+from conftest import MODES, assert_close, in_mode, seeded_mha
 from reference import favor, layer_reference, layer_weights, relu
 
 import keras_linear_attention as kla
@@ -14,9 +14,7 @@ TOL = dict(rtol=2e-4, atol=2e-5)
 
 
 def _layer(**kwargs):
-    kwargs.setdefault("kernel_initializer", keras.initializers.RandomNormal(0.0, 0.5, seed=1))
-    kwargs.setdefault("bias_initializer", keras.initializers.RandomNormal(0.0, 0.5, seed=2))
-    return kla.LinearMultiHeadAttention(num_heads=HEADS, key_dim=KEY_DIM, **kwargs)
+    return seeded_mha(num_heads=HEADS, key_dim=KEY_DIM, **kwargs)
 
 
 def _x(rng, *shape):
@@ -111,7 +109,7 @@ def test_causal_attention_mask_with_padding_accepted(rng):
     """A keras-hub-style (B, T, T) mask = padding & causal, with use_causal_mask."""
     layer = _layer()
     x = _x(rng, 2, 5, DIM)
-    # (Key 0 padded would make row 0 fully masked: see tests/test_masks.py.)
+    # (Key 0 padded would make row 0 fully masked: see the _masks tests.)
     keys = np.array([[1, 0, 1, 1, 1], [1, 1, 1, 0, 1]], bool)
     full = keys[:, None, :] & np.tril(np.ones((5, 5), bool))
     out = layer(x, x, attention_mask=full, use_causal_mask=True)
@@ -147,7 +145,7 @@ def test_implicit_keras_mask_from_embedding(rng):
     out = model(tokens)
     e = emb(tokens)
     ref = layer_reference(layer_weights(att), e, e, key_mask=tokens != 0)
-    # Padded queries are fully masked rows (Keras's value, tests/test_masks.py).
+    # Padded queries are fully masked rows (Keras's value: see the _masks tests).
     real = tokens != 0
     assert_close("layer implicit mask", np.asarray(out)[real], np.asarray(ref)[real], **TOL)
 

@@ -169,24 +169,24 @@ def test_state_in_and_out_gradients_match_reference(rng, mode, n, chunk):
     """Gradients reach q, k, v and the initial state, also through the final
     state (a loss on it, as truncated backprop through time has)."""
     q, k, v = _inputs(rng, n)
-    kv0 = tf.constant(rng.random((2, H, D, M)), tf.float32)
-    k_sum0 = tf.constant(rng.random((2, H, D)), tf.float32)
+    initial_kv = tf.constant(rng.random((2, H, D, M)), tf.float32)
+    initial_k_sum = tf.constant(rng.random((2, H, D)), tf.float32)
     mask = _padding(rng, 2, n)
 
-    def ours(q, k, v, kv0, k_sum0):
+    def ours(q, k, v, initial_kv, initial_k_sum):
         return kla.causal_linear_attention(
             q,
             k,
             v,
             mask,
-            initial_state=(kv0, k_sum0),
+            initial_state=(initial_kv, initial_k_sum),
             chunk_size=chunk,
             short_sequence_threshold=0,
             return_state=True,
         )
 
-    def ref(q, k, v, kv0, k_sum0):
-        return causal_attention_with_state(q, k, v, kv0, k_sum0, key_mask=mask)
+    def ref(q, k, v, initial_kv, initial_k_sum):
+        return causal_attention_with_state(q, k, v, initial_kv, initial_k_sum, key_mask=mask)
 
     def values_and_grads(fn, *args):
         with tf.GradientTape() as tape:
@@ -195,10 +195,10 @@ def test_state_in_and_out_gradients_match_reference(rng, mode, n, chunk):
             loss = sum(tf.reduce_sum(t * _cotangent(t)) for t in (out, *state))
         return [out, *state, *tape.gradient(loss, list(args))]
 
-    args = (q, k, v, kv0, k_sum0)
+    args = (q, k, v, initial_kv, initial_k_sum)
     got = in_mode(lambda *a: values_and_grads(ours, *a), mode)(*args)
     expected = values_and_grads(ref, *(tf.cast(x, tf.float64) for x in args))
-    names = ["out", "kv", "k_sum", "dq", "dk", "dv", "d kv0", "d k_sum0"]
+    names = ["out", "kv", "k_sum", "dq", "dk", "dv", "d initial_kv", "d initial_k_sum"]
     for name, a, b in zip(names, got, expected, strict=True):
         assert_close(f"causal with state {name}", a, b, rtol=1e-4, atol=5e-5)
 

@@ -88,19 +88,19 @@ def test_causal_around_threshold_matches_reference_and_chunked(rng, monkeypatch,
     values and gradients of q, k, v and the state, both paths, at N = 7, 8, 9
     for a threshold of 8 (the short path runs at 7 and 8 only)."""
     q, k, v = _inputs(rng, n)
-    kv0 = tf.constant(rng.random((2, H, D, M)), tf.float32)
-    k_sum0 = tf.constant(rng.random((2, H, D)), tf.float32)
+    initial_kv = tf.constant(rng.random((2, H, D, M)), tf.float32)
+    initial_k_sum = tf.constant(rng.random((2, H, D)), tf.float32)
     mask = _padding(rng, 2, n)
     spy = _Spy(monkeypatch)
 
     def ours(threshold):
-        def fn(q, k, v, kv0, k_sum0):
+        def fn(q, k, v, initial_kv, initial_k_sum):
             return kla.causal_linear_attention(
                 q,
                 k,
                 v,
                 mask,
-                initial_state=(kv0, k_sum0),
+                initial_state=(initial_kv, initial_k_sum),
                 chunk_size=4,
                 return_state=True,
                 short_sequence_threshold=threshold,
@@ -108,14 +108,14 @@ def test_causal_around_threshold_matches_reference_and_chunked(rng, monkeypatch,
 
         return in_mode(lambda *a: _values_and_grads(fn, *a), mode)
 
-    args = (q, k, v, kv0, k_sum0)
+    args = (q, k, v, initial_kv, initial_k_sum)
     auto = ours(THRESHOLD)(*args)
     assert spy.calls == (1 if n <= THRESHOLD else 0)
     chunked = ours(NEVER)(*args)
     assert spy.calls == (1 if n <= THRESHOLD else 0)
 
-    def ref(q, k, v, kv0, k_sum0):
-        return causal_attention_with_state(q, k, v, kv0, k_sum0, key_mask=mask)
+    def ref(q, k, v, initial_kv, initial_k_sum):
+        return causal_attention_with_state(q, k, v, initial_kv, initial_k_sum, key_mask=mask)
 
     expected = _values_and_grads(ref, *(tf.cast(x, tf.float64) for x in args))
     _close(f"causal with state N={n} vs reference", auto, expected, dict(rtol=1e-4, atol=5e-5))

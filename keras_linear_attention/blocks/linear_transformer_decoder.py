@@ -5,13 +5,13 @@ from __future__ import annotations
 import keras
 
 from keras_linear_attention._keras_compat import get_keras_mask
-from keras_linear_attention.blocks import _sublayers
+from keras_linear_attention.blocks import transformer_block
 
 PACKAGE = "keras_linear_attention"
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class LinearTransformerDecoder(_sublayers.TransformerBlock):
+class LinearTransformerDecoder(transformer_block.TransformerBlock):
     """Transformer decoder block: causal linear self-attention, optional
     linear cross-attention to an encoder output, and a feed-forward sub-block.
 
@@ -91,7 +91,7 @@ class LinearTransformerDecoder(_sublayers.TransformerBlock):
             **kwargs,
         )
         self._cross_attention = None
-        if conv_size is not None and attention not in _sublayers.RECURRENCES:
+        if conv_size is not None and attention not in transformer_block.RECURRENCES:
             raise ValueError(
                 "`conv_size` applies to the recurrences 'retention', 'gated', 'delta' and "
                 f"'gated_delta'; received it with attention={attention!r}."
@@ -99,7 +99,7 @@ class LinearTransformerDecoder(_sublayers.TransformerBlock):
         self.conv_size = conv_size
 
     def build(self, inputs_shape, encoder_outputs_shape=None):
-        key_dim = _sublayers.head_dim(inputs_shape[-1], self.num_heads, self.key_dim)
+        key_dim = transformer_block.head_dim(inputs_shape[-1], self.num_heads, self.key_dim)
         extra = {} if self.conv_size is None else {"conv_size": self.conv_size}
         self._self_attention = self._attention("self_attention", True, key_dim, **extra)
         if self.attention != "softmax":
@@ -156,11 +156,15 @@ class LinearTransformerDecoder(_sublayers.TransformerBlock):
             )
             return self._dropout_layer(out, training=training)
 
-        x = _sublayers.residual(inputs, self_attend, self._self_attention_norm, self.norm_first)
+        x = transformer_block.residual(
+            inputs, self_attend, self._self_attention_norm, self.norm_first
+        )
         if self._cross_attention is not None:
-            x = _sublayers.residual(x, cross_attend, self._cross_attention_norm, self.norm_first)
+            x = transformer_block.residual(
+                x, cross_attend, self._cross_attention_norm, self.norm_first
+            )
         feedforward = lambda y: self._feedforward(y, training=training)
-        x = _sublayers.residual(x, feedforward, self._feedforward_norm, self.norm_first)
+        x = transformer_block.residual(x, feedforward, self._feedforward_norm, self.norm_first)
         return (x, state) if return_state else x
 
     def _check_call(self, encoder_outputs, initial_state, return_state):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import keras
 
 from keras_linear_attention._keras_compat import get_keras_mask
-from keras_linear_attention.blocks import _sublayers
+from keras_linear_attention.blocks import transformer_block
 
 PACKAGE = "keras_linear_attention"
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class LinearTransformerEncoder(_sublayers.TransformerBlock):
+class LinearTransformerEncoder(transformer_block.TransformerBlock):
     """Transformer encoder block with linear (or, for comparison, softmax) attention.
 
     `x + Attention(norm(x))`, then `x + FeedForward(norm(x))` (pre-norm, the
@@ -61,7 +61,7 @@ class LinearTransformerEncoder(_sublayers.TransformerBlock):
         bias_initializer="zeros",
         **kwargs,
     ):
-        if attention in _sublayers.RECURRENCES:
+        if attention in transformer_block.RECURRENCES:
             raise ValueError(
                 f"attention={attention!r} is a causal recurrence with a state: use "
                 "`LinearTransformerDecoder`. The encoder takes 'linear' or 'softmax'."
@@ -83,7 +83,7 @@ class LinearTransformerEncoder(_sublayers.TransformerBlock):
         self.causal = causal
 
     def build(self, inputs_shape):
-        key_dim = _sublayers.head_dim(inputs_shape[-1], self.num_heads, self.key_dim)
+        key_dim = transformer_block.head_dim(inputs_shape[-1], self.num_heads, self.key_dim)
         self._attention_layer = self._attention("self_attention", False, key_dim)
         self._attention_layer.build(inputs_shape, inputs_shape)
         self._attention_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
@@ -101,9 +101,9 @@ class LinearTransformerEncoder(_sublayers.TransformerBlock):
             )
             return self._attention_dropout(out, training=training)
 
-        x = _sublayers.residual(inputs, attend, self._attention_norm, self.norm_first)
+        x = transformer_block.residual(inputs, attend, self._attention_norm, self.norm_first)
         feedforward = lambda y: self._feedforward(y, training=training)
-        return _sublayers.residual(x, feedforward, self._feedforward_norm, self.norm_first)
+        return transformer_block.residual(x, feedforward, self._feedforward_norm, self.norm_first)
 
     def compute_output_shape(self, inputs_shape):
         return inputs_shape

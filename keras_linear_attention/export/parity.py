@@ -69,7 +69,7 @@ def tflite_step_error(model: keras.Model, flatbuffer: bytes, x) -> float:
     device would, and compare every position's logits with the parallel Keras model."""
     runner, io = _only_runner(flatbuffer)
     runner_lm = signatures.recurrent_or_none(model)
-    template = runner_lm.initial_state(x.shape[0])
+    template = runner_lm.get_initial_state(x.shape[0])
     names = signatures.state_names(runner_lm)
     states = {k: np.asarray(t) for k, t in zip(names, template, strict=True)}
     logits = []

@@ -36,7 +36,7 @@ def state_names(runner: RecurrentLM) -> list[str]:
 
 def state_specs(runner: RecurrentLM) -> list[tf.TensorSpec]:
     specs = []
-    for name, template in zip(state_names(runner), runner.initial_state(1), strict=True):
+    for name, template in zip(state_names(runner), runner.get_initial_state(1), strict=True):
         specs.append(tf.TensorSpec((None, *template.shape[1:]), template.dtype, name=name))
     return specs
 

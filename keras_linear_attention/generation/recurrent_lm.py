@@ -115,7 +115,7 @@ class RecurrentLM:
                 f"received {int(index)}."
             )
 
-    def initial_state(self, batch_size: Any) -> tuple:
+    def get_initial_state(self, batch_size: Any) -> tuple:
         """Zero states for `batch_size` sequences, flat: `(kv_0, k_sum_0, kv_1, ...)`
         (one `state_i` per block for the recurrences other than "linear")."""
         return tuple(t for block in self.decoders for t in block.get_initial_state(batch_size))
@@ -151,7 +151,7 @@ class RecurrentLM:
         return self.head(self.final_norm(x)), tuple(new_states)
 
     def _prefill(self, tokens):
-        states = self.initial_state(ops.shape(tokens)[0])
+        states = self.get_initial_state(ops.shape(tokens)[0])
         logits, states = self.run(tokens, states, 0)
         return logits[:, -1], states
 

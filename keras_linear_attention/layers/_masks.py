@@ -41,14 +41,14 @@ class Plan(NamedTuple):
     causal: Python bool, or a scalar bool tensor where a dense mask whose
         values are known only at run time decides it (the layer then builds
         both paths under a `cond`, and one runs).
-    factor: None, or a 1.0/NaN factor for the output (a failed run-time
+    validity: None, or a 1.0/NaN validity multiplier for the output (a failed run-time
         check under XLA, see `_checks.assert_at_runtime`).
     """
 
     keys: Any
     rows: Any
     causal: Any
-    factor: Any
+    validity: Any
 
 
 def plan(
@@ -74,17 +74,19 @@ def plan(
         flatten_mask("key_mask", key_mask, batch_pos(value)),
     )
     rows = flatten_mask("query_mask", query_mask, batch_pos(query))
-    factor = None
+    validity = None
     if attention_mask is not None:
-        r, c, causal, factor = from_attention_mask(attention_mask, query, value, num_heads, causal)
+        r, c, causal, validity = from_attention_mask(
+            attention_mask, query, value, num_heads, causal
+        )
         keys, rows = combine(keys, c), combine(rows, r)
-    return Plan(keys, rows, causal, factor)
+    return Plan(keys, rows, causal, validity)
 
 
 def from_attention_mask(
     attention_mask: Any, query: Any, value: Any, num_heads: int, causal: bool
 ) -> tuple:
-    """Return `(rows (B, T) or None, keys (B, S), causal, factor)`.
+    """Return `(rows (B, T) or None, keys (B, S), causal, validity)`.
 
     The mask is read as `keras.layers.MultiHeadAttention` reads it: leading
     axes are added until it is `(B, heads, *T_axes, *S_axes)`, so a rank-2
@@ -101,7 +103,7 @@ def from_attention_mask(
     (NumPy, eager or constant tensors, also inside `tf.function`) are read
     then: a wrong mask raises `ValueError` at once and the causal choice is
     static. Otherwise the checks run in the graph (an assertion; under XLA,
-    which drops assertions, a NaN factor) and `causal` is a scalar tensor.
+    which drops assertions, a NaN validity) and `causal` is a scalar tensor.
     """
     mask = ops.convert_to_tensor(attention_mask)
     hint = CAUSAL_HINT if causal else EITHER_HINT
@@ -120,12 +122,12 @@ def from_attention_mask(
         mask = _as_batch_heads_rows_keys(ops.cast(mask, "bool"), *shapes, hint)
         r, c, causal, conditions, messages = _decompose(mask, num_heads, causal, hint)
     _check_axis(mask, 0, "batch", ops.shape(query)[0], conditions, messages, hint)
-    factor = _assert_all(conditions, messages, hint)
+    validity = _assert_all(conditions, messages, hint)
     # Row b of the mask for batch row b, or row 0 for all: a gather that
     # cannot fail, so a bad batch reaches the assertion, not a shape error.
     picks = ops.minimum(ops.arange(ops.shape(query)[0]), ops.shape(c)[0] - 1)
     r = None if r is None else ops.take(r, picks, axis=0)
-    return r, ops.take(c, picks, axis=0), causal, factor
+    return r, ops.take(c, picks, axis=0), causal, validity
 
 
 def _decompose(mask: Any, num_heads: int, causal: bool, hint: str) -> tuple:
@@ -155,13 +157,13 @@ def _decompose(mask: Any, num_heads: int, causal: bool, hint: str) -> tuple:
 
 
 def _assert_all(conditions: list, messages: list, hint: str) -> Any:
-    factor = None
+    validity = None
     for condition, what in zip(conditions, messages, strict=True):
         more = _checks.assert_at_runtime(
             condition, UNSUPPORTED.format(causal=hint) + f" This attention_mask: {what}."
         )
-        factor = more if factor is None else factor * more
-    return factor
+        validity = more if validity is None else validity * more
+    return validity
 
 
 def _static_value(x: Any) -> Any:

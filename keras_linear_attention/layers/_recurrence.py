@@ -14,7 +14,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_linear_attention import ops as la_ops
+from keras_linear_attention.ops.recurrences import (
+    delta_rule_attention,
+    delta_rule_step,
+    gated_linear_attention,
+)
 
 RECURRENCES = ("linear", "retention", "gated", "delta", "gated_delta")
 GATED = ("gated", "gated_delta")
@@ -76,15 +80,15 @@ def attend(recurrence, q, k, v, log_gate, beta, state, chunk_size, step: bool) -
     """`(o (B, T, H, M), final_state)` of the recurrence; `step` runs the
     one-token form (T = 1, a state given)."""
     if step:
-        o, state = la_ops.delta_rule_step(
+        o, state = delta_rule_step(
             q[:, 0], k[:, 0], v[:, 0], None if beta is None else beta[:, 0], _first(log_gate), state
         )
         return ops.expand_dims(o, 1), state
     if recurrence in DELTA:
-        return la_ops.delta_rule_attention(
+        return delta_rule_attention(
             q, k, v, beta, log_gate, state, return_state=True, chunk_size=chunk_size
         )
-    return la_ops.gated_linear_attention(
+    return gated_linear_attention(
         q, k, v, log_gate, state, return_state=True, chunk_size=chunk_size
     )
 

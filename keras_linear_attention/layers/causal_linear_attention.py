@@ -157,11 +157,11 @@ class CausalLinearAttention(LinearMultiHeadAttention):
         set_keras_mask(inputs, None)
         key_padding = _masks.flatten_mask("padding_mask", padding_mask, tuple(inputs.shape[:-1]))
         if self.recurrence != "linear":
-            out, state = self._attend_recurrence(inputs, key_padding, initial_state, training)
+            out, state = self._compute_recurrence(inputs, key_padding, initial_state, training)
             if keras_mask is not None:
                 set_keras_mask(out, keras_mask)
             return (out, state) if return_state else out
-        out, _, state = self._attend(
+        out, _, state = self._compute_attention(
             inputs,
             inputs,
             inputs,
@@ -175,7 +175,7 @@ class CausalLinearAttention(LinearMultiHeadAttention):
             set_keras_mask(out, keras_mask)
         return (out, state) if return_state else out
 
-    def _attend_recurrence(self, inputs, key_padding, initial_state, training):
+    def _compute_recurrence(self, inputs, key_padding, initial_state, training):
         """Project, run a decayed/gated/delta recurrence, normalise, project back."""
         state, windows = (None, None) if initial_state is None else self._split(initial_state)
         q, k, v = self._query_dense(inputs), self._key_dense(inputs), self._value_dense(inputs)

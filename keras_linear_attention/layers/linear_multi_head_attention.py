@@ -9,10 +9,18 @@ from keras import ops
 
 from keras_linear_attention import _checks
 from keras_linear_attention import feature_maps as fm_lib
-from keras_linear_attention import ops as la_ops
 from keras_linear_attention._keras_compat import get_keras_mask, set_keras_mask
 from keras_linear_attention.layers import _masks
-from keras_linear_attention.ops._common import accumulation_dtype, guard
+from keras_linear_attention.ops import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_EPS,
+    causal_linear_attention,
+    kernel_attention_scores,
+    linear_attention,
+)
+from keras_linear_attention.ops._common import accumulation_dtype, poison_on_failure
+from keras_linear_attention.ops.causal import causal_attention_of_projections
+from keras_linear_attention.ops.scores import check_threshold
 
 PACKAGE = "keras_linear_attention"
 
@@ -121,14 +129,14 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         sliding_window: int | None = None,
         flash_attention: bool | None = None,
         feature_map: Any = "elu",
-        eps: float = la_ops.DEFAULT_EPS,
-        chunk_size: int = la_ops.DEFAULT_CHUNK_SIZE,
+        eps: float = DEFAULT_EPS,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         short_sequence_threshold: int | None = None,
         **kwargs,
     ):
         _refuse_softmax_options(sliding_window, flash_attention)
-        _check_knobs(dropout, eps, chunk_size)
-        la_ops.scores.check_threshold(short_sequence_threshold)
+        _check_numeric_args(dropout, eps, chunk_size)
+        check_threshold(short_sequence_threshold)
         # Keras's flash-attention bookkeeping does not apply; hand it
         # dropout=0 so a global `enable_flash_attention()` cannot object.
         super().__init__(
@@ -222,7 +230,7 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
             key_mask=key_mask,
             causal=bool(use_causal_mask),
         )
-        out, scores, _ = self._attend(
+        out, scores, _ = self._compute_attention(
             query,
             key,
             value,
@@ -232,12 +240,12 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
             return_scores=return_attention_scores,
             rows=plan.rows,
         )
-        out = guard(out, plan.factor)
+        out = poison_on_failure(out, plan.validity)
         if query_mask is not None:
             set_keras_mask(out, query_mask)
         return (out, scores) if return_attention_scores else out
 
-    def _attend(
+    def _compute_attention(
         self,
         query,
         key,
@@ -283,7 +291,7 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         def global_path():
             phi_q = fm_lib.apply(self._feature_map, q, "query")
             phi_k = fm_lib.apply(self._feature_map, k, "key")
-            return la_ops.linear_attention(
+            return linear_attention(
                 phi_q,
                 phi_k,
                 v,
@@ -317,7 +325,7 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
                 fm_lib.apply(self._feature_map, q, "query"),
                 fm_lib.apply(self._feature_map, k, "key"),
             )
-            score = lambda c: la_ops.kernel_attention_scores(
+            score = lambda c: kernel_attention_scores(
                 *phi, key_mask=key_padding, causal=c, eps=self._eps
             )
             if isinstance(causal, bool):
@@ -345,10 +353,8 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         if fm_lib.maps_last_axis_only(self._feature_map):
             # φ on the chunks: what φ keeps for its gradient is then what the
             # attention needs, not a second, unchunked copy (memory at long N).
-            return la_ops.causal.causal_attention_of_projections(
-                q, k, v, self._feature_map, **kwargs
-            )
-        return la_ops.causal_linear_attention(
+            return causal_attention_of_projections(q, k, v, self._feature_map, **kwargs)
+        return causal_linear_attention(
             fm_lib.apply(self._feature_map, q, "query"),
             fm_lib.apply(self._feature_map, k, "key"),
             v,
@@ -443,7 +449,7 @@ def _refuse_softmax_options(sliding_window: Any, flash_attention: Any) -> None:
         )
 
 
-def _check_knobs(dropout: Any, eps: Any, chunk_size: Any) -> None:
+def _check_numeric_args(dropout: Any, eps: Any, chunk_size: Any) -> None:
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"`dropout` must be a float in [0, 1); received {dropout!r}.")
     if not isinstance(eps, (int, float)) or eps < 0:

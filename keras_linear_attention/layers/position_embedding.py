@@ -10,7 +10,7 @@ import keras
 from keras import ops
 
 from keras_linear_attention import _checks
-from keras_linear_attention.ops._common import guard
+from keras_linear_attention.ops._common import poison_on_failure
 
 PACKAGE = "keras_linear_attention"
 
@@ -21,12 +21,12 @@ def _positions(inputs, start_index):
     return ops.arange(length, dtype="int32") + ops.cast(start_index, "int32")
 
 
-def _range_factor(inputs, start_index, max_length: int | None) -> Any:
+def _range_validity(inputs, start_index, max_length: int | None) -> Any:
     """Refuse positions `start_index + [0, T)` outside `[0, max_length)`.
 
     A Python int with a known `T` is checked now; otherwise (a tensor index,
     as in `step`) at run time, since a bad index would otherwise wrap round
-    (negative) or fail deep in a gather. Returns None or the 1.0/NaN factor
+    (negative) or fail deep in a gather. Returns None or the 1.0/NaN validity multiplier
     of `_checks.assert_at_runtime` for the output (XLA drops the assertion).
     """
     length, limit = inputs.shape[1], "inf" if max_length is None else max_length
@@ -94,10 +94,10 @@ class PositionEmbedding(keras.layers.Layer):
             raise ValueError(
                 f"Sequence length {inputs.shape[1]} exceeds `max_length`={self.max_length}."
             )
-        factor = _range_factor(inputs, start_index, self.max_length)
+        validity = _range_validity(inputs, start_index, self.max_length)
         # Clipped so that a bad index reaches the check, not a gather error.
         positions = ops.clip(_positions(inputs, start_index), 0, self.max_length - 1)
-        table = guard(ops.take(self.embeddings, positions, axis=0), factor)
+        table = poison_on_failure(ops.take(self.embeddings, positions, axis=0), validity)
         return _broadcast(ops.cast(table, self.compute_dtype), inputs)
 
     def compute_output_shape(self, inputs_shape):
@@ -143,11 +143,11 @@ class SinusoidalPositionEmbedding(keras.layers.Layer):
 
     def call(self, inputs, start_index=0):
         dim = inputs.shape[-1]
-        factor = _range_factor(inputs, start_index, None)
+        validity = _range_validity(inputs, start_index, None)
         positions = ops.expand_dims(ops.cast(_positions(inputs, start_index), "float32"), 1)
         exponents = ops.arange(dim // 2, dtype="float32") * (2.0 / dim)
         angles = positions * ops.exp(-math.log(self.max_wavelength) * exponents)
-        table = guard(ops.stack([ops.sin(angles), ops.cos(angles)], axis=-1), factor)
+        table = poison_on_failure(ops.stack([ops.sin(angles), ops.cos(angles)], axis=-1), validity)
         return _broadcast(ops.cast(ops.reshape(table, (-1, dim)), self.compute_dtype), inputs)
 
     def compute_output_shape(self, inputs_shape):

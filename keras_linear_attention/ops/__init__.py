@@ -13,9 +13,9 @@ from keras_linear_attention.ops.recurrences import (
     gated_linear_attention_step,
 )
 from keras_linear_attention.ops.recurrent import (
-    initial_state,
     linear_attention_step,
     recurrent_linear_attention,
+    zero_state,
 )
 from keras_linear_attention.ops.scores import kernel_attention_scores
 
@@ -27,9 +27,9 @@ __all__ = [
     "delta_rule_step",
     "gated_linear_attention",
     "gated_linear_attention_step",
-    "initial_state",
     "kernel_attention_scores",
     "linear_attention",
     "linear_attention_step",
     "recurrent_linear_attention",
+    "zero_state",
 ]

@@ -131,7 +131,7 @@ def _flat_or_none(state: Any, groups: Any) -> Any:
 
 
 def chunked_causal_attention(
-    q: Any, k: Any, v: Any, kv0: Any, z0: Any, shape: tuple, eps: float
+    q: Any, k: Any, v: Any, initial_kv: Any, initial_k_sum: Any, shape: tuple, eps: float
 ) -> tuple:
     """Causal linear attention over chunks, with a hand-written gradient.
 
@@ -139,14 +139,14 @@ def chunked_causal_attention(
         q, k: `(B*H*n, C, D)` feature-mapped, chunked queries and keys (keys
             masked), as `to_chunks` makes them.
         v: `(B*H*n, C, M)` chunked values.
-        kv0, z0: Initial state, `(B, H, D, M)` and `(B, H, D)`, or both None.
+        initial_kv, initial_k_sum: Initial state, `(B, H, D, M)` and `(B, H, D)`, or both None.
         shape: `(B, N, H)` of the unchunked sequence (N ≤ n*C; the padding
             is dropped from the output).
         eps: Added to the normaliser; a normaliser of exactly 0 becomes 1
             (its numerator is 0 too, so the output is 0, not NaN).
 
     Returns:
-        `(out, kv, z)`: `(B, N, H, M)` outputs and the final state.
+        `(out, kv, k_sum)`: `(B, N, H, M)` outputs and the final state.
 
     The output is returned in its final layout, so the copy kept for the
     backward pass is the one the caller keeps anyway. The chunked inputs
@@ -159,29 +159,35 @@ def chunked_causal_attention(
     groups = batch * heads
     tril = ops.tril(ops.ones((chunk, chunk), q.dtype))
 
-    def forward(q, k, v, kv0, z0):
-        kv0, z0 = _flat_or_none(kv0, groups), _flat_or_none(z0, groups)
+    def forward(q, k, v, initial_kv, initial_k_sum):
+        initial_kv, initial_k_sum = (
+            _flat_or_none(initial_kv, groups),
+            _flat_or_none(initial_k_sum, groups),
+        )
         scores = ops.matmul(q, swap(k)) * tril
-        prefix, kv = _chunk_prefix(ops.matmul(swap(k), v), groups, kv0)
-        z_prefix, z = _chunk_prefix(ops.sum(k, axis=1), groups, z0)
-        z_prefix = ops.expand_dims(z_prefix, 1)
+        prefix, kv = _chunk_prefix(ops.matmul(swap(k), v), groups, initial_kv)
+        k_sum_prefix, k_sum = _chunk_prefix(ops.sum(k, axis=1), groups, initial_k_sum)
+        k_sum_prefix = ops.expand_dims(k_sum_prefix, 1)
         numerator = ops.matmul(scores, v) + ops.matmul(q, prefix)
-        # q·z as a matmul: one read of q, no q-sized product.
+        # q·k_sum as a matmul: one read of q, no q-sized product.
         denominator, zero = _common.safe_denominator(
-            ops.sum(scores, axis=-1, keepdims=True) + ops.matmul(q, swap(z_prefix)), eps
+            ops.sum(scores, axis=-1, keepdims=True) + ops.matmul(q, swap(k_sum_prefix)), eps
         )
         out = from_chunks(numerator / denominator, batch, length, heads)
-        kv, z = ops.reshape(kv, (batch, heads, feat, vdim)), ops.reshape(z, (batch, heads, feat))
-        return (out, kv, z), (prefix, z_prefix, denominator, zero)
+        kv, k_sum = (
+            ops.reshape(kv, (batch, heads, feat, vdim)),
+            ops.reshape(k_sum, (batch, heads, feat)),
+        )
+        return (out, kv, k_sum), (prefix, k_sum_prefix, denominator, zero)
 
     if keras.backend.backend() == "torch":
         # Keras's torch custom_gradient takes one output; this has three, so
         # torch differentiates the forward ops itself (same math).
-        return forward(q, k, v, kv0, z0)[0]
+        return forward(q, k, v, initial_kv, initial_k_sum)[0]
 
     @ops.custom_gradient
     def attend(q, k, v, *state):
-        (out, kv, z), (prefix, z_prefix, denominator, zero) = forward(
+        (out, kv, k_sum), (prefix, k_sum_prefix, denominator, zero) = forward(
             q, k, v, *(state or (None,) * 2)
         )
 
@@ -192,42 +198,47 @@ def chunked_causal_attention(
                 upstream = upstream[0]
             g_out, g_kv, g_z = (
                 ops.zeros_like(ref) if g is None else g
-                for g, ref in zip(upstream, (out, kv, z), strict=True)
+                for g, ref in zip(upstream, (out, kv, k_sum), strict=True)
             )
-            # Each step starts after the previous one (`after`): at most
+            # Each step starts after the previous one (`scheduled_after`): at most
             # a few (G*n, C, ·) temporaries are alive at once, and the
             # recomputed scores are not moved into the forward pass.
-            g_out = _common.after(g_out, out)
+            g_out = _common.scheduled_after(g_out, out)
             g_den = _common.denominator_gradient(
                 g_out, out, denominator, zero, lambda x: to_chunks(x, chunk)
             )
             g_num = to_chunks(g_out, chunk) / denominator
-            g_prefix, g_kv0 = _chunk_suffix(
+            g_prefix, g_initial_kv = _chunk_suffix(
                 ops.matmul(swap(q), g_num), groups, ops.reshape(g_kv, (groups, -1))
             )
-            g_z_prefix, g_z0 = _chunk_suffix(
+            g_k_sum_prefix, g_initial_k_sum = _chunk_suffix(
                 ops.matmul(swap(q), g_den)[..., 0], groups, ops.reshape(g_z, (groups, -1))
             )
             # Recomputed, transposed: as large as q when C = D.
-            scores_t = ops.matmul(_common.after(k, g_prefix), swap(q)) * ops.transpose(tril)
-            g_v = ops.matmul(scores_t, g_num) + ops.matmul(k, g_prefix)
-            g_scores = (ops.matmul(_common.after(g_num, g_v), swap(v)) + g_den) * tril
-            g_k = ops.matmul(swap(g_scores), q) + ops.matmul(
-                _common.after(v, g_scores), swap(g_prefix)
+            scores_t = ops.matmul(_common.scheduled_after(k, g_prefix), swap(q)) * ops.transpose(
+                tril
             )
-            g_k = g_k + ops.expand_dims(g_z_prefix, 1)
-            g_num, g_den, g_scores = (_common.after(g, g_k) for g in (g_num, g_den, g_scores))
-            g_q = ops.matmul(g_scores, k) + ops.matmul(g_num, swap(prefix)) + g_den * z_prefix
+            g_v = ops.matmul(scores_t, g_num) + ops.matmul(k, g_prefix)
+            g_scores = (ops.matmul(_common.scheduled_after(g_num, g_v), swap(v)) + g_den) * tril
+            g_k = ops.matmul(swap(g_scores), q) + ops.matmul(
+                _common.scheduled_after(v, g_scores), swap(g_prefix)
+            )
+            g_k = g_k + ops.expand_dims(g_k_sum_prefix, 1)
+            g_num, g_den, g_scores = (
+                _common.scheduled_after(g, g_k) for g in (g_num, g_den, g_scores)
+            )
+            g_q = ops.matmul(g_scores, k) + ops.matmul(g_num, swap(prefix)) + g_den * k_sum_prefix
             # Released together, so the layers' gradients downstream start
             # once this function's temporaries are gone.
-            g_k, g_v = _common.after(g_k, g_q), _common.after(g_v, g_q)
+            g_k, g_v = _common.scheduled_after(g_k, g_q), _common.scheduled_after(g_v, g_q)
             if not state:
                 return g_q, g_k, g_v
             g_state = (
-                ops.reshape(g, ops.shape(s)) for g, s in zip((g_kv0, g_z0), state, strict=True)
+                ops.reshape(g, ops.shape(s))
+                for g, s in zip((g_initial_kv, g_initial_k_sum), state, strict=True)
             )
             return (g_q, g_k, g_v, *g_state)
 
-        return (out, kv, z), grad
+        return (out, kv, k_sum), grad
 
-    return attend(q, k, v) if kv0 is None else attend(q, k, v, kv0, z0)
+    return attend(q, k, v) if initial_kv is None else attend(q, k, v, initial_kv, initial_k_sum)

@@ -36,12 +36,13 @@ def check_qkv(q: Any, k: Any, value: Any, names: tuple = ("phi_q", "phi_k", "val
     _checks.check_dim(f"{nq} feature dim", q.shape[3], f"{nk} feature dim", k.shape[3])
 
 
-def nonempty_factor(x: Any, name: str) -> Any:
-    """Runtime guard for a sequence length unknown until run time.
+def nonempty_validity(x: Any, name: str) -> Any:
+    """Run-time check of a sequence length unknown until run time.
 
     Static zero lengths are refused by `check_qkv`; a dynamic one would
     otherwise give an all-zero output. Returns None (length known) or a
-    1.0/NaN factor for the output (see `_checks.assert_at_runtime`).
+    1.0/NaN validity multiplier for the output (see
+    `_checks.assert_at_runtime`).
     """
     if x.shape[1] is not None:
         return None
@@ -51,8 +52,9 @@ def nonempty_factor(x: Any, name: str) -> Any:
     )
 
 
-def guard(out: Any, factor: Any) -> Any:
-    return out if factor is None else out * ops.cast(factor, out.dtype)
+def poison_on_failure(out: Any, validity: Any) -> Any:
+    """`out`, or all NaN where a run-time check failed (`validity` is NaN)."""
+    return out if validity is None else out * ops.cast(validity, out.dtype)
 
 
 def mask_keys(phi_k: Any, value: Any, key_mask: Any) -> tuple:
@@ -108,7 +110,7 @@ def denominator_gradient(g_out: Any, out: Any, denominator: Any, zero: Any, layo
     return ops.where(zero, ops.zeros_like(g_den), -g_den)
 
 
-def after(x: Any, *deps: Any) -> Any:
+def scheduled_after(x: Any, *deps: Any) -> Any:
     """`x`, for ops that must not start before `deps` exist (TensorFlow).
 
     TF's graph executor runs every op whose inputs are ready. In a gradient

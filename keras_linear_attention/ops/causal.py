@@ -78,7 +78,7 @@ def causal_linear_attention(
     >>> out.shape, kv.shape, k_sum.shape
     (TensorShape([1, 100, 2, 4]), TensorShape([1, 2, 8, 4]), TensorShape([1, 2, 8]))
     """
-    return _chunkwise(
+    return _checked_causal_attention(
         phi_q,
         phi_k,
         value,
@@ -111,7 +111,7 @@ def causal_attention_of_projections(
     tensors φ keeps for its gradient are then the chunks the attention
     needs, not a second, unchunked copy: the attention layers use this.
     """
-    return _chunkwise(
+    return _checked_causal_attention(
         query,
         key,
         value,
@@ -125,7 +125,7 @@ def causal_attention_of_projections(
     )
 
 
-def _chunkwise(
+def _checked_causal_attention(
     q, k, value, feature_map, key_mask, initial_state, chunk_size, eps, return_state, threshold
 ):
     """Checks, then the short (quadratic) path or the chunked algorithm; φ
@@ -136,7 +136,7 @@ def _chunkwise(
     _checks.check_dim(f"{names[0]} length", q.shape[1], f"{names[1]} length", k.shape[1])
     _checks.check_positive_int("chunk_size", chunk_size)
     scores.check_threshold(threshold)
-    factor = _common.nonempty_factor(k, names[1])
+    validity = _common.nonempty_validity(k, names[1])
     if key_mask is not None:
         _common.check_key_mask(key_mask, q.shape[1], names[1])
     args = (q, k, value, feature_map, key_mask, initial_state, eps, return_state)
@@ -150,7 +150,7 @@ def _chunkwise(
             short, lambda: _quadratic(*args), lambda: _chunked_path(*args, chunk_size)
         )
     out, state = result if return_state else (result, None)
-    out = _common.guard(out, factor)
+    out = _common.poison_on_failure(out, validity)
     return (out, state) if return_state else out
 
 
@@ -185,8 +185,10 @@ def _chunked_path(q, k, value, feature_map, key_mask, initial_state, eps, return
     pads = feature_map is not None and (length is None or length % chunk != 0)
     k, v = _mask_chunked_keys(k, v, key_mask, shape, chunk, pads)
     dims = (shape[0], shape[2], k.shape[2], v.shape[2])
-    kv0, k_sum0 = check_state(initial_state, dims, acc)
-    out, kv, k_sum = _chunked.chunked_causal_attention(q, k, v, kv0, k_sum0, shape, eps)
+    initial_kv, initial_k_sum = check_state(initial_state, dims, acc)
+    out, kv, k_sum = _chunked.chunked_causal_attention(
+        q, k, v, initial_kv, initial_k_sum, shape, eps
+    )
     out = ops.cast(out, value.dtype)
     return (out, (kv, k_sum)) if return_state else out
 

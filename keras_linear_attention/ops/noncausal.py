@@ -21,9 +21,9 @@ def linear_attention(
     eps: float = _common.DEFAULT_EPS,
     short_sequence_threshold: int | None = None,
 ) -> Any:
-    """Kernel attention `φ(q_i)ᵀ S / (φ(q_i)ᵀ z + eps)` over all keys.
+    """Kernel attention `φ(q_i)ᵀ kv / (φ(q_i)ᵀ k_sum + eps)` over all keys.
 
-    `S = Σ_j φ(k_j) v_jᵀ` and `z = Σ_j φ(k_j)` are summed in float32 (float64
+    `kv = Σ_j φ(k_j) v_jᵀ` and `k_sum = Σ_j φ(k_j)` are summed in float32 (float64
     for float64 inputs) whatever the input dtype; the result has `value`'s
     dtype.
 
@@ -56,7 +56,7 @@ def linear_attention(
     _common.check_qkv(phi_q, phi_k, value)
     scores.check_threshold(short_sequence_threshold)
     out_dtype = value.dtype
-    factor = _common.nonempty_factor(phi_k, "phi_k")
+    validity = _common.nonempty_validity(phi_k, "phi_k")
     acc = _common.accumulation_dtype(phi_q, phi_k, value)
     phi_q, phi_k, value = _common.cast_all(acc, phi_q, phi_k, value)
     phi_k, value = _common.mask_keys(phi_k, value, key_mask)
@@ -73,7 +73,7 @@ def linear_attention(
         out = _global_attention(*args)
     else:
         out = ops.cond(short, lambda: _quadratic(*args), lambda: _global_attention(*args))
-    return ops.cast(_common.guard(out, factor), out_dtype)
+    return ops.cast(_common.poison_on_failure(out, validity), out_dtype)
 
 
 def _quadratic(q: Any, k: Any, v: Any, eps: float) -> Any:
@@ -104,7 +104,7 @@ def _global_attention(q: Any, k: Any, v: Any, eps: float) -> Any:
         def grad(*args, upstream=None):
             g_out = args[0] if upstream is None else upstream  # TF / JAX
             # `after`: starts once the output exists (see `_common.after`).
-            g_out = _common.after(g_out, out)
+            g_out = _common.scheduled_after(g_out, out)
             g_den = _common.denominator_gradient(g_out, out, denominator, zero, _heads_first)
             g_num = _heads_first(g_out) / denominator
             g_kv = ops.matmul(swap(qh), g_num)

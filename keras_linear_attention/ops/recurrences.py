@@ -183,7 +183,7 @@ def _chunked_recurrence(q, k, v, beta, log_gate, initial_state, return_state, ch
     _checks.check_positive_int("chunk_size", chunk_size)
     batch, length, heads = ops.shape(q)[0], ops.shape(q)[1], q.shape[2]
     acc, out_dtype = _common.accumulation_dtype(q, k, v), v.dtype
-    factor = _common.nonempty_factor(k, "k")
+    validity = _common.nonempty_validity(k, "k")
     log_gate = _token_gate("log_gate", log_gate, q, acc)
     beta = None if beta is None else _token_gate("beta", beta, q, acc)
     dims = (batch, heads, k.shape[3], v.shape[3])
@@ -196,7 +196,7 @@ def _chunked_recurrence(q, k, v, beta, log_gate, initial_state, return_state, ch
     max_chunk = min(chunk_size, q.shape[1] or chunk_size)
     out, state = _segmented_chunks(chunked, s0, batch * heads, max_chunk, q.shape[1])
     out = _chunked.from_chunks(out, batch, length, heads)
-    out = ops.cast(_common.guard(out, factor), out_dtype)
+    out = ops.cast(_common.poison_on_failure(out, validity), out_dtype)
     if not return_state:
         return out
     return out, ops.reshape(state, (batch, heads, k.shape[3], v.shape[3]))

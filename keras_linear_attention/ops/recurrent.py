@@ -1,6 +1,7 @@
 """Recurrent (RNN) form of causal linear attention.
 
-The state `(kv, k_sum)` holds `S = Σ φ(k_j) v_jᵀ` and `z = Σ φ(k_j)` per head;
+The state `(kv, k_sum)` holds `kv = Σ φ(k_j) v_jᵀ` and `k_sum = Σ φ(k_j)` per
+head (the paper's S and z);
 one step costs O(D·M) whatever the context length.
 """
 
@@ -16,7 +17,7 @@ from keras_linear_attention.ops import _common
 from keras_linear_attention.ops.causal import check_state
 
 
-def initial_state(
+def zero_state(
     batch_size: Any, num_heads: int, feature_dim: int, value_dim: int, dtype: str = "float32"
 ) -> tuple:
     """Zero state `(kv, k_sum)`: shapes `(B, H, D, M)` and `(B, H, D)`."""
@@ -44,7 +45,7 @@ def linear_attention_step(
     Example:
 
     >>> import numpy as np
-    >>> state = initial_state(2, 4, 8, 16)
+    >>> state = zero_state(2, 4, 8, 16)
     >>> q = k = np.random.rand(2, 4, 8).astype("float32")
     >>> v = np.random.rand(2, 4, 16).astype("float32")
     >>> out, state = linear_attention_step(q, k, v, state)

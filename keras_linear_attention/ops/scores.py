@@ -55,13 +55,13 @@ def quadratic_attention(
         causal: Keep `A_ij` for j ≤ i only (T = S).
         eps: Added to the normaliser (an exact 0 becomes 1, as in
             `_common.normalize`).
-        state: Optional `(kv0, z0)`, `(B, H, D, M)` and `(B, H, D)`: earlier
+        state: Optional `(initial_kv, initial_k_sum)`, `(B, H, D, M)` and `(B, H, D)`: earlier
             keys' sums, which every query also sees (causal continuation).
-        return_state: Also return the final `(kv, z)`: `state` plus this
+        return_state: Also return the final `(kv, k_sum)`: `state` plus this
             call's key sums.
 
     Returns:
-        `(out, kv, z)`: `(B, T, H, M)` outputs (the layout the callers
+        `(out, kv, k_sum)`: `(B, T, H, M)` outputs (the layout the callers
         keep) and the final state, or None for both unless `return_state`.
 
     `out_i = (Σ_j A_ij v_j + φ(q_i)ᵀkv0) / (Σ_j A_ij + φ(q_i)ᵀz0 + eps)` with
@@ -74,31 +74,31 @@ def quadratic_attention(
     keep = ops.tril if causal else (lambda x: x)
     heads_first = heads_last = lambda x: ops.transpose(x, (0, 2, 1, 3))
 
-    def forward(q, k, v, kv0, z0):
+    def forward(q, k, v, initial_kv, initial_k_sum):
         scores = keep(ops.matmul(q, swap(k)))
         numerator = ops.matmul(scores, v)
         denominator = ops.sum(scores, axis=-1, keepdims=True)
-        if kv0 is not None:
-            numerator = numerator + ops.matmul(q, kv0)
-            denominator = denominator + ops.matmul(q, ops.expand_dims(z0, -1))
+        if initial_kv is not None:
+            numerator = numerator + ops.matmul(q, initial_kv)
+            denominator = denominator + ops.matmul(q, ops.expand_dims(initial_k_sum, -1))
         denominator, zero = _common.safe_denominator(denominator, eps)
         out = numerator / denominator
-        kv = z = None
+        kv = k_sum = None
         if return_state:
-            kv, z = ops.matmul(swap(k), v), ops.sum(k, axis=2)
-            if kv0 is not None:
-                kv, z = kv + kv0, z + z0
-        return heads_last(out), kv, z, (scores, denominator, zero)
+            kv, k_sum = ops.matmul(swap(k), v), ops.sum(k, axis=2)
+            if initial_kv is not None:
+                kv, k_sum = kv + initial_kv, k_sum + initial_k_sum
+        return heads_last(out), kv, k_sum, (scores, denominator, zero)
 
-    kv0, z0 = (None, None) if state is None else state
+    initial_kv, initial_k_sum = (None, None) if state is None else state
     if keras.backend.backend() == "torch":
         # Keras's torch custom_gradient takes one output: torch
         # differentiates the forward ops itself (same math).
-        return forward(q, k, v, kv0, z0)[:3]
+        return forward(q, k, v, initial_kv, initial_k_sum)[:3]
 
     @ops.custom_gradient
     def attend(q, k, v, *state):
-        out, kv, z, (scores, denominator, zero) = forward(q, k, v, *(state or (None,) * 2))
+        out, kv, k_sum, (scores, denominator, zero) = forward(q, k, v, *(state or (None,) * 2))
 
         def grad(*args, upstream=None):
             # TF passes one gradient per output; JAX passes one tuple.
@@ -109,10 +109,10 @@ def quadratic_attention(
             if return_state:
                 g_out, g_kv, g_z = (
                     ops.zeros_like(ref) if g is None else g
-                    for g, ref in zip(upstream, (out, kv, z), strict=True)
+                    for g, ref in zip(upstream, (out, kv, k_sum), strict=True)
                 )
             # `after`: starts once the output exists (see `_common.after`).
-            g_out = _common.after(g_out, out)
+            g_out = _common.scheduled_after(g_out, out)
             g_den = _common.denominator_gradient(g_out, out, denominator, zero, heads_first)
             g_num = heads_first(g_out) / denominator
             g_scores = keep(ops.matmul(g_num, swap(v)) + g_den)
@@ -127,12 +127,12 @@ def quadratic_attention(
             if not state:
                 return g_q, g_k, g_v
             g_kv0 = ops.matmul(swap(q), g_num)
-            g_z0 = ops.matmul(swap(q), g_den)[..., 0]
+            g_initial_k_sum = ops.matmul(swap(q), g_den)[..., 0]
             if return_state:
-                g_kv0, g_z0 = g_kv0 + g_kv, g_z0 + g_z
-            return g_q, g_k, g_v, g_kv0, g_z0
+                g_kv0, g_initial_k_sum = g_kv0 + g_kv, g_initial_k_sum + g_z
+            return g_q, g_k, g_v, g_kv0, g_initial_k_sum
 
-        return ((out, kv, z) if return_state else out), grad
+        return ((out, kv, k_sum) if return_state else out), grad
 
     result = attend(q, k, v) if state is None else attend(q, k, v, *state)
     return result if return_state else (result, None, None)

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import MODES, assert_close, in_mode, prefill_then_steps
-from reference import EPS, layer_weights
+from reference import (
+    hedgehog,
+    kernel_layer_reference,
+    layer_weights,
+    np_softmax,
+    taylor_kernel,
+)
 
 import keras_linear_attention as kla
 from keras_linear_attention import build_causal_lm, feature_maps
@@ -35,25 +41,6 @@ def _float64(x):
 # ---- float64 references ---------------------------------------------------
 
 
-def taylor_kernel(q, k):
-    """`1 + s + s²/2`, `s = q·k/√D`: (B, T, H, D), (B, S, H, D) -> (B, H, T, S)."""
-    s = tf.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
-    return 1.0 + s + 0.5 * s * s
-
-
-def hedgehog(x, kernel, bias=None):
-    """`[softmax(Wᵀx + b), softmax(−Wᵀx − b)]` per head; x (..., H, D), W (H, D, F)."""
-    z = tf.einsum("...hd,hdf->...hf", x, kernel)
-    if bias is not None:
-        z = z + bias
-    return tf.concat([tf.nn.softmax(z, -1), tf.nn.softmax(-z, -1)], -1)
-
-
-def np_softmax(z):
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 def hedgehog_params(fm, role, values):
     """The (kernel, bias) `fm` uses for `role`, as float64 tensors from
     `values` (a float64 copy of each weight, by weight path)."""
@@ -73,25 +60,6 @@ def kernel_function(fm, values):
         return tf.einsum("bthf,bshf->bhts", phi_q, phi_k)
 
     return kernel
-
-
-def attention_reference(w, x, kernel, causal, key_mask=None):
-    """A LinearMultiHeadAttention forward pass from its weights `w` through
-    the explicit T×S matrix of `kernel`, normalised row by row (+ eps)."""
-
-    def proj(name):
-        return tf.einsum("btd,dhk->bthk", x, w[f"{name}/kernel"]) + w[f"{name}/bias"]
-
-    a = kernel(proj("query"), proj("key"))
-    if key_mask is not None:
-        a = a * tf.cast(key_mask, tf.float64)[:, None, None, :]
-    if causal:
-        a = a * np.tril(np.ones(a.shape[-2:]))
-    a = a / (tf.reduce_sum(a, -1, keepdims=True) + EPS)
-    out = tf.einsum("bhts,bshm->bthm", a, proj("value"))
-    return (
-        tf.einsum("bthk,hkd->btd", out, w["attention_output/kernel"]) + w["attention_output/bias"]
-    )
 
 
 # ---- helpers ----------------------------------------------------------------
@@ -290,7 +258,7 @@ def test_attention_matches_explicit_kernel_reference(rng, config, mode):
     expected = {}
     for causal in (False, True):
         expected[causal] = _weighted_grads(
-            lambda x, causal=causal: attention_reference(
+            lambda x, causal=causal: kernel_layer_reference(
                 w, x, kernel_function(fm, values), causal, None if causal else mask
             ),
             _float64(x),

@@ -6,19 +6,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import MODES, assert_close, in_mode
+from conftest import MODES, assert_close, in_mode, seeded_mha
 from reference import EPS, elu_plus_one, layer_weights
-
-import keras_linear_attention as kla
 
 DIM, HEADS, KEY_DIM = 6, 2, 4
 TOL = dict(rtol=2e-4, atol=2e-5)
 
 
 def _layer(**kwargs):
-    kwargs.setdefault("kernel_initializer", keras.initializers.RandomNormal(0.0, 0.5, seed=1))
-    kwargs.setdefault("bias_initializer", keras.initializers.RandomNormal(0.0, 0.5, seed=2))
-    return kla.LinearMultiHeadAttention(num_heads=HEADS, key_dim=KEY_DIM, **kwargs)
+    return seeded_mha(num_heads=HEADS, key_dim=KEY_DIM, **kwargs)
 
 
 def masked_reference(w, query, value, mask):
