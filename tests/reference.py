@@ -65,7 +65,8 @@ def causal_attention_with_state(phi_q, phi_k, v, initial_kv, initial_k_sum, key_
 
 def layer_weights(layer, dtype=tf.float64):
     """The layer's weights by sublayer path, e.g. {"query/kernel": ...}."""
-    return {v.path.split("/", 1)[1]: tf.constant(v.numpy(), dtype) for v in layer.weights}
+    prefix = f"{layer.name}/"  # the layer may sit inside another
+    return {v.path.split(prefix, 1)[1]: tf.constant(v.numpy(), dtype) for v in layer.weights}
 
 
 def layer_reference(w, query, value, key=None, phi=elu_plus_one, gate=False, **kwargs):
@@ -227,3 +228,44 @@ def kernel_layer_reference(w, x, kernel, causal, key_mask=None):
     return (
         tf.einsum("bthk,hkd->btd", out, w["attention_output/kernel"]) + w["attention_output/bias"]
     )
+
+
+# keras-hub's Transformer blocks, sublayer by sublayer, with the attention
+# from `layer_reference` (float64).
+
+
+def _layer_norm(layer, x):
+    mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+    gamma, beta = (tf.constant(w.numpy(), tf.float64) for w in (layer.gamma, layer.beta))
+    return (x - mean) / tf.sqrt(var + layer.epsilon) * gamma + beta
+
+
+def _dense(layer, x):
+    return x @ tf.constant(layer.kernel.numpy(), tf.float64) + layer.bias.numpy()
+
+
+def hub_block_reference(block, x, **attention_kwargs):
+    """A keras-hub `TransformerDecoder` (self-attention only) or
+    `TransformerEncoder` forward pass, relu feed-forward, no dropout."""
+    x = tf.cast(x, tf.float64)
+
+    def attention(y):
+        w = layer_weights(block._self_attention_layer)
+        return layer_reference(w, y, y, **attention_kwargs)
+
+    def feedforward(y):
+        return _dense(
+            block._feedforward_output_dense,
+            tf.nn.relu(_dense(block._feedforward_intermediate_dense, y)),
+        )
+
+    for sublayer, norm in (
+        (attention, block._self_attention_layer_norm),
+        (feedforward, block._feedforward_layer_norm),
+    ):
+        x = (
+            x + sublayer(_layer_norm(norm, x))
+            if block.normalize_first
+            else _layer_norm(norm, x + sublayer(x))
+        )
+    return x

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import keras
 from keras import ops
 
@@ -235,8 +233,7 @@ class CausalLinearAttention(LinearMultiHeadAttention):
                 dims = (self._key_dim, self._key_dim, self._value_dim)
                 shapes += [(width, self._num_heads, d) for d in dims]
             return tuple(shapes)
-        feat = fm_lib.output_dim(self._feature_map, self._key_dim)
-        return (self._num_heads, feat, self._value_dim), (self._num_heads, feat)
+        return super().state_shapes
 
     @property
     def state_names(self) -> tuple:
@@ -246,17 +243,6 @@ class CausalLinearAttention(LinearMultiHeadAttention):
             return ("kv", "k_sum")
         windows = ("query_window", "key_window", "value_window") if self.conv_size else ()
         return ("state", *windows)
-
-    @property
-    def state_dtype(self) -> str:
-        """float32 (float64 for a float64 layer), whatever the compute dtype."""
-        return "float64" if self.compute_dtype == "float64" else "float32"
-
-    def get_initial_state(self, batch_size: Any) -> tuple:
-        """Zero state for `batch_size` sequences (float32): `(kv, k_sum)`, or
-        a 1-tuple for the recurrences other than `"linear"`."""
-        dtype = self.state_dtype
-        return tuple(ops.zeros((batch_size, *shape), dtype) for shape in self.state_shapes)
 
     def compute_output_shape(self, inputs_shape):
         return super().compute_output_shape(inputs_shape, inputs_shape)

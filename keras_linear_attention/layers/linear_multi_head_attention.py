@@ -177,6 +177,23 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         )
         return config
 
+    @property
+    def state_shapes(self) -> tuple:
+        """Shapes, without the batch axis, of the causal self-attention's
+        state `(kv, k_sum)`: `(H, F, M)` and `(H, F)`, F = φ's dimension."""
+        feat = fm_lib.output_dim(self._feature_map, self._key_dim)
+        return (self._num_heads, feat, self._value_dim), (self._num_heads, feat)
+
+    @property
+    def state_dtype(self) -> str:
+        """float32 (float64 for a float64 layer), whatever the compute dtype."""
+        return "float64" if self.compute_dtype == "float64" else "float32"
+
+    def get_initial_state(self, batch_size: Any) -> tuple:
+        """Zero state for `batch_size` sequences, one tensor per `state_shapes`."""
+        dtype = self.state_dtype
+        return tuple(ops.zeros((batch_size, *shape), dtype) for shape in self.state_shapes)
+
     def build(self, query_shape, value_shape, key_shape=None):
         super().build(query_shape, value_shape, key_shape)
         if not self._feature_map.built:
