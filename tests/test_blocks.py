@@ -14,10 +14,10 @@ def _x(rng, shape):
     return tf.constant(rng.normal(size=shape).astype("float32"))
 
 
-@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("normalize_first", [True, False])
 @pytest.mark.parametrize("attention", ["linear", "softmax"])
-def test_encoder_padding_does_not_change_real_positions(rng, norm_first, attention):
-    block = LinearTransformerEncoder(2, 32, norm_first=norm_first, attention=attention)
+def test_encoder_padding_does_not_change_real_positions(rng, normalize_first, attention):
+    block = LinearTransformerEncoder(32, 2, normalize_first=normalize_first, attention=attention)
     x = _x(rng, (1, 9, 16))
     padded = tf.concat([x, _x(rng, (1, 4, 16))], axis=1)
     mask = tf.constant([[True] * 9 + [False] * 4])
@@ -28,7 +28,7 @@ def test_encoder_padding_does_not_change_real_positions(rng, norm_first, attenti
 
 @pytest.mark.parametrize("mode", MODES)
 def test_decoder_is_causal_in_every_mode(rng, mode):
-    block = LinearTransformerDecoder(2, 32)
+    block = LinearTransformerDecoder(32, 2)
     x = _x(rng, (2, 20, 16))
     changed = tf.concat([x[:, :12], _x(rng, (2, 8, 16))], axis=1)
     run = in_mode(lambda t: block(t), mode)
@@ -37,7 +37,7 @@ def test_decoder_is_causal_in_every_mode(rng, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_decoder_prefill_then_steps_equals_parallel(rng, mode):
-    block = LinearTransformerDecoder(2, 32)
+    block = LinearTransformerDecoder(32, 2)
     x = _x(rng, (2, 11, 16))
     full = block(x)
     run = in_mode(lambda t, s: block(t, initial_state=s, return_state=True), mode)
@@ -50,7 +50,7 @@ def test_decoder_prefill_then_steps_equals_parallel(rng, mode):
 
 
 def test_decoder_state_from_prefill_equals_stepping(rng):
-    block = LinearTransformerDecoder(2, 32)
+    block = LinearTransformerDecoder(32, 2)
     x = _x(rng, (1, 7, 16))
     _, prefilled = block(x, return_state=True)
     state = block.get_initial_state(1)
@@ -61,7 +61,7 @@ def test_decoder_state_from_prefill_equals_stepping(rng):
 
 
 def test_decoder_cross_attention_sees_encoder_padding(rng):
-    block = LinearTransformerDecoder(2, 32)
+    block = LinearTransformerDecoder(32, 2)
     x, enc = _x(rng, (1, 5, 16)), _x(rng, (1, 6, 12))
     padded = tf.concat([enc, _x(rng, (1, 3, 12))], axis=1)
     mask = tf.constant([[True] * 6 + [False] * 3])
@@ -73,7 +73,7 @@ def test_decoder_cross_attention_sees_encoder_padding(rng):
 
 
 def test_softmax_decoder_has_no_state(rng):
-    block = LinearTransformerDecoder(2, 32, attention="softmax")
+    block = LinearTransformerDecoder(32, 2, attention="softmax")
     with pytest.raises(ValueError, match="softmax attention has no recurrent state"):
         block(_x(rng, (1, 4, 16)), return_state=True)
 
@@ -94,13 +94,13 @@ def test_block_arguments_are_checked(kwargs, match):
 
 def test_heads_must_divide_width(rng):
     with pytest.raises(ValueError, match="divisible by `num_heads`"):
-        LinearTransformerEncoder(3, 8)(_x(rng, (1, 4, 16)))
+        LinearTransformerEncoder(8, 3)(_x(rng, (1, 4, 16)))
 
 
 @pytest.mark.parametrize("cls", [LinearTransformerEncoder, LinearTransformerDecoder])
 def test_blocks_round_trip_through_keras_files(tmp_path, rng, cls):
     inputs = keras.Input((None, 16))
-    model = keras.Model(inputs, cls(2, 32, feature_map="favor", dropout=0.1)(inputs))
+    model = keras.Model(inputs, cls(32, 2, feature_map="favor", dropout=0.1)(inputs))
     x = _x(rng, (2, 9, 16))
     path = str(tmp_path / "block.keras")
     model.save(path)
@@ -112,7 +112,7 @@ def test_blocks_round_trip_through_keras_files(tmp_path, rng, cls):
 def test_block_trains_under_xla_and_mixed_precision(rng):
     keras.config.set_dtype_policy("mixed_float16")
     inputs = keras.Input((None, 16))
-    x = LinearTransformerDecoder(2, 32)(LinearTransformerEncoder(2, 32)(inputs))
+    x = LinearTransformerDecoder(32, 2)(LinearTransformerEncoder(32, 2)(inputs))
     model = keras.Model(inputs, keras.layers.Dense(1, dtype="float32")(x))
     model.compile("adam", "mse", jit_compile=True)
     history = model.fit(rng.normal(size=(16, 12, 16)), rng.normal(size=(16, 12, 1)), verbose=0)
@@ -135,7 +135,7 @@ def _custom_phi(rng):
 def test_blocks_use_the_feature_map_instance_they_are_given(rng, cls):
     phi = _custom_phi(rng)
     kernel = phi.get_weights()[0]
-    block = cls(2, 32, feature_map=phi)
+    block = cls(32, 2, feature_map=phi)
     x = _x(rng, (2, 7, 16))
     out = block(x)
     assert _self_attention(block).feature_map is phi
@@ -155,7 +155,7 @@ def test_blocks_use_the_feature_map_instance_they_are_given(rng, cls):
 
 def test_decoder_cross_attention_gets_its_own_feature_map(rng):
     fm = kla.FavorFeatureMap(num_features=16, seed=5)
-    block = LinearTransformerDecoder(2, 32, feature_map=fm)
+    block = LinearTransformerDecoder(32, 2, feature_map=fm)
     block(_x(rng, (1, 5, 16)), encoder_outputs=_x(rng, (1, 6, 12)))
     cross = block._cross_attention.feature_map
     assert block._self_attention.feature_map is fm and cross is not fm
@@ -165,16 +165,16 @@ def test_decoder_cross_attention_gets_its_own_feature_map(rng):
 
 def test_one_feature_map_instance_cannot_serve_two_blocks(rng):
     fm = kla.FavorFeatureMap(seed=5)
-    first = LinearTransformerEncoder(2, 32, feature_map=fm)
+    first = LinearTransformerEncoder(32, 2, feature_map=fm)
     first(_x(rng, (1, 4, 16)))
     with pytest.raises(ValueError, match="already used by the attention layer 'self_attention'"):
-        LinearTransformerEncoder(2, 32, feature_map=fm)(_x(rng, (1, 4, 16)))
+        LinearTransformerEncoder(32, 2, feature_map=fm)(_x(rng, (1, 4, 16)))
 
 
 @pytest.mark.parametrize("cls", [LinearTransformerEncoder, LinearTransformerDecoder])
 def test_block_with_a_given_feature_map_round_trips_through_keras_files(tmp_path, rng, cls):
     inputs = keras.Input((None, 16))
-    block = cls(2, 32, feature_map=_custom_phi(rng))
+    block = cls(32, 2, feature_map=_custom_phi(rng))
     model = keras.Model(inputs, block(inputs))
     x = _x(rng, (2, 9, 16))
     model.save(tmp_path / "block.keras")
@@ -183,3 +183,15 @@ def test_block_with_a_given_feature_map_round_trips_through_keras_files(tmp_path
     loaded_phi = _self_attention(loaded.layers[1]).feature_map
     phi = _self_attention(block).feature_map
     np.testing.assert_array_equal(loaded_phi.get_weights()[0], phi.get_weights()[0])
+
+
+@pytest.mark.parametrize("cls", ["TransformerEncoder", "TransformerDecoder"])
+def test_arguments_are_keras_hubs(cls):
+    """`(intermediate_dim, num_heads, ...)` and `normalize_first`, as keras-hub's
+    blocks take them: `Block(64, 4)` means the same in both libraries."""
+    ours = getattr(kla, f"Linear{cls}")(64, 4, normalize_first=False)
+    assert (ours.intermediate_dim, ours.num_heads, ours.normalize_first) == (64, 4, False)
+    assert ours.get_config()["normalize_first"] is False
+    keras_hub = pytest.importorskip("keras_hub")
+    theirs = getattr(keras_hub.layers, cls)(64, 4, normalize_first=False)
+    assert (theirs.intermediate_dim, theirs.num_heads) == (64, 4)

@@ -135,7 +135,7 @@ def test_feature_map_instance_takes_the_policy_of_its_layer(policy):
     """A φ instance given to a block takes the block's policy at once, so the
     block's config is the same before and after build."""
     phi = kla.feature_maps.FavorFeatureMap(num_features=16, seed=1)
-    block = LinearTransformerDecoder(2, 32, feature_map=phi, dtype=policy)
+    block = LinearTransformerDecoder(32, 2, feature_map=phi, dtype=policy)
     config = block.get_config()
     assert phi.dtype_policy.name == policy
     block(np.ones((1, 3, DIM), "float32"))

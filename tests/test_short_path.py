@@ -2,6 +2,7 @@
 float64 reference and the chunked / global path: forward and gradients, every
 feature map, key padding, states, float16, lengths around the threshold."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -387,3 +388,25 @@ def test_training_shapes_benchmark_smoke(tmp_path):
         assert set(row["ms"]) == set(training_shapes.IMPLS)
         assert all(v > 0 for v in (*row["ms"].values(), *row["mha_over"].values()))
     assert out.read_text().startswith("{")
+
+
+@pytest.mark.smoke
+def test_training_throughput_benchmark_smoke(tmp_path):
+    """benchmarks/training_throughput.py --quick end to end (its numbers mean
+    nothing), with a skip forced by `--max-seconds`."""
+    pytest.importorskip("keras_hub")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import training_throughput
+
+    out = tmp_path / "t.json"
+    report = training_throughput.main(
+        ["--quick", "--lengths", "8", "2048", "--max-seconds", "30", "--out", str(out)]
+    )
+    first, second = report["results"]
+    assert set(first["tokens_per_s"]) == set(training_throughput.IMPLS)
+    assert all(v > 0 for v in (*first["tokens_per_s"].values(), *first["over_mha"].values()))
+    # 256 times as long: softmax's estimate (N², 65536 steps' time) passes
+    # 30 s, linear's (256 steps' time) does not.
+    assert second["skipped"] == ["keras_mha", "hub_softmax"]
+    assert set(second["tokens_per_s"]) == {"ours", "hub_linear"}
+    assert json.loads(out.read_text())["results"][0]["n"] == 8

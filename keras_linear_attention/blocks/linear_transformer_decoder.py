@@ -22,12 +22,12 @@ class LinearTransformerDecoder(transformer_block.TransformerBlock):
     or in chunks, at a cost independent of the context length.
 
     Args:
-        num_heads: Number of attention heads.
         intermediate_dim: Hidden width of the feed-forward sub-block.
+        num_heads: Number of attention heads.
         key_dim: Size of each head; defaults to `input_dim // num_heads`.
         dropout: Dropout rate.
         activation: Feed-forward activation.
-        norm_first: Pre-norm (True) or post-norm (False).
+        normalize_first: Pre-norm (True) or post-norm (False).
         layer_norm_epsilon: Epsilon of the layer norms.
         attention: `"linear"`, one of the recurrences of
             `CausalLinearAttention` (`"retention"`, `"gated"`, `"delta"`,
@@ -52,7 +52,7 @@ class LinearTransformerDecoder(transformer_block.TransformerBlock):
 
     Example:
 
-    >>> block = LinearTransformerDecoder(num_heads=2, intermediate_dim=32)
+    >>> block = LinearTransformerDecoder(intermediate_dim=32, num_heads=2)
     >>> x = keras.random.normal((1, 6, 16))
     >>> y, state = block(x[:, :5], return_state=True)
     >>> y_last = block(x[:, 5:], initial_state=state)
@@ -62,12 +62,12 @@ class LinearTransformerDecoder(transformer_block.TransformerBlock):
 
     def __init__(
         self,
-        num_heads: int,
         intermediate_dim: int,
+        num_heads: int,
         key_dim: int | None = None,
         dropout: float = 0.0,
         activation="gelu",
-        norm_first: bool = True,
+        normalize_first: bool = True,
         layer_norm_epsilon: float = 1e-5,
         attention: str = "linear",
         feature_map="elu",
@@ -77,12 +77,12 @@ class LinearTransformerDecoder(transformer_block.TransformerBlock):
         **kwargs,
     ):
         super().__init__(
-            num_heads,
             intermediate_dim,
+            num_heads,
             key_dim,
             dropout,
             activation,
-            norm_first,
+            normalize_first,
             layer_norm_epsilon,
             attention,
             feature_map,
@@ -157,14 +157,14 @@ class LinearTransformerDecoder(transformer_block.TransformerBlock):
             return self._dropout_layer(out, training=training)
 
         x = transformer_block.residual(
-            inputs, self_attend, self._self_attention_norm, self.norm_first
+            inputs, self_attend, self._self_attention_norm, self.normalize_first
         )
         if self._cross_attention is not None:
             x = transformer_block.residual(
-                x, cross_attend, self._cross_attention_norm, self.norm_first
+                x, cross_attend, self._cross_attention_norm, self.normalize_first
             )
         feedforward = lambda y: self._feedforward(y, training=training)
-        x = transformer_block.residual(x, feedforward, self._feedforward_norm, self.norm_first)
+        x = transformer_block.residual(x, feedforward, self._feedforward_norm, self.normalize_first)
         return (x, state) if return_state else x
 
     def _check_call(self, encoder_outputs, initial_state, return_state):

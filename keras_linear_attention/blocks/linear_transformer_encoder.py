@@ -15,15 +15,15 @@ class LinearTransformerEncoder(transformer_block.TransformerBlock):
     """Transformer encoder block with linear (or, for comparison, softmax) attention.
 
     `x + Attention(norm(x))`, then `x + FeedForward(norm(x))` (pre-norm, the
-    default), or the post-norm order of Vaswani et al. with `norm_first=False`.
+    default), or the post-norm order of Vaswani et al. with `normalize_first=False`.
 
     Args:
-        num_heads: Number of attention heads.
         intermediate_dim: Hidden width of the feed-forward sub-block.
+        num_heads: Number of attention heads.
         key_dim: Size of each head; defaults to `input_dim // num_heads`.
         dropout: Dropout rate for attention and feed-forward outputs.
         activation: Feed-forward activation.
-        norm_first: Pre-norm (True) or post-norm (False).
+        normalize_first: Pre-norm (True) or post-norm (False).
         layer_norm_epsilon: Epsilon of the layer norms.
         attention: `"linear"` (this package) or `"softmax"` (Keras MHA), so
             the same model can be trained both ways.
@@ -40,19 +40,19 @@ class LinearTransformerEncoder(transformer_block.TransformerBlock):
 
     Example:
 
-    >>> block = LinearTransformerEncoder(num_heads=2, intermediate_dim=32)
+    >>> block = LinearTransformerEncoder(intermediate_dim=32, num_heads=2)
     >>> block(keras.random.normal((2, 10, 16))).shape
     TensorShape([2, 10, 16])
     """
 
     def __init__(
         self,
-        num_heads: int,
         intermediate_dim: int,
+        num_heads: int,
         key_dim: int | None = None,
         dropout: float = 0.0,
         activation="gelu",
-        norm_first: bool = True,
+        normalize_first: bool = True,
         layer_norm_epsilon: float = 1e-5,
         attention: str = "linear",
         causal: bool = False,
@@ -67,12 +67,12 @@ class LinearTransformerEncoder(transformer_block.TransformerBlock):
                 "`LinearTransformerDecoder`. The encoder takes 'linear' or 'softmax'."
             )
         super().__init__(
-            num_heads,
             intermediate_dim,
+            num_heads,
             key_dim,
             dropout,
             activation,
-            norm_first,
+            normalize_first,
             layer_norm_epsilon,
             attention,
             feature_map,
@@ -101,9 +101,11 @@ class LinearTransformerEncoder(transformer_block.TransformerBlock):
             )
             return self._attention_dropout(out, training=training)
 
-        x = transformer_block.residual(inputs, attend, self._attention_norm, self.norm_first)
+        x = transformer_block.residual(inputs, attend, self._attention_norm, self.normalize_first)
         feedforward = lambda y: self._feedforward(y, training=training)
-        return transformer_block.residual(x, feedforward, self._feedforward_norm, self.norm_first)
+        return transformer_block.residual(
+            x, feedforward, self._feedforward_norm, self.normalize_first
+        )
 
     def compute_output_shape(self, inputs_shape):
         return inputs_shape

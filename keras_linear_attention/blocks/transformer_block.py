@@ -93,9 +93,9 @@ class FeedForward(keras.layers.Layer):
         return self._output_dropout(self._output(x), training=training)
 
 
-def residual(x, sublayer, norm, norm_first: bool):
+def residual(x, sublayer, norm, normalize_first: bool):
     """Pre-norm `x + f(norm(x))` or post-norm `norm(x + f(x))`."""
-    if norm_first:
+    if normalize_first:
         return x + sublayer(norm(x))
     return norm(x + sublayer(x))
 
@@ -117,12 +117,12 @@ class TransformerBlock(keras.layers.Layer):
 
     def __init__(
         self,
-        num_heads,
         intermediate_dim,
+        num_heads,
         key_dim,
         dropout,
         activation,
-        norm_first,
+        normalize_first,
         layer_norm_epsilon,
         attention,
         feature_map,
@@ -137,7 +137,7 @@ class TransformerBlock(keras.layers.Layer):
         self.key_dim = key_dim
         self.dropout = dropout
         self.activation = keras.activations.get(activation)
-        self.norm_first = norm_first
+        self.normalize_first = normalize_first
         self.layer_norm_epsilon = layer_norm_epsilon
         self.attention = attention
         # The instance itself, so a trained or customised φ keeps its weights.
@@ -208,7 +208,7 @@ class TransformerBlock(keras.layers.Layer):
             "key_dim": self.key_dim,
             "dropout": self.dropout,
             "activation": keras.activations.serialize(self.activation),
-            "norm_first": self.norm_first,
+            "normalize_first": self.normalize_first,
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "attention": self.attention,
             "feature_map": self.feature_map,

@@ -72,8 +72,8 @@ def build_causal_lm(
     x = keras.layers.Dropout(dropout, name="embedding_dropout", dtype=dtype)(x)
     for i in range(num_layers):
         x = LinearTransformerDecoder(
-            num_heads,
-            intermediate_dim or 4 * hidden_dim,
+            intermediate_dim=intermediate_dim or 4 * hidden_dim,
+            num_heads=num_heads,
             dropout=dropout,
             attention=attention,
             feature_map=feature_map,

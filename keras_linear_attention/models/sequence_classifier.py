@@ -22,7 +22,7 @@ def build_sequence_classifier(
     feature_map="elu",
     attention: str = "linear",
     position: str = "learned",
-    norm_first: bool = True,
+    normalize_first: bool = True,
     dtype=None,
     name: str = "linear_transformer_classifier",
 ) -> keras.Model:
@@ -46,7 +46,7 @@ def build_sequence_classifier(
         feature_map: φ of linear attention.
         attention: `"linear"` or `"softmax"` (same model with Keras MHA).
         position: `"learned"`, `"sinusoidal"` or `"none"`.
-        norm_first: Pre-norm blocks.
+        normalize_first: Pre-norm blocks.
         dtype: Dtype policy of every layer but the `logits` head, e.g.
             `"mixed_bfloat16"`; default: the global policy. The logits are
             always float32.
@@ -82,16 +82,16 @@ def build_sequence_classifier(
     x = keras.layers.Dropout(dropout, name="embedding_dropout", dtype=dtype)(x)
     for i in range(num_layers):
         x = LinearTransformerEncoder(
-            num_heads,
-            intermediate_dim or 2 * hidden_dim,
+            intermediate_dim=intermediate_dim or 2 * hidden_dim,
+            num_heads=num_heads,
             dropout=dropout,
             attention=attention,
             feature_map=feature_map,
-            norm_first=norm_first,
+            normalize_first=normalize_first,
             name=f"encoder_{i}",
             dtype=dtype,
         )(x)
-    if norm_first:
+    if normalize_first:
         x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm", dtype=dtype)(x)
     x = keras.layers.GlobalAveragePooling1D(name="pool", dtype=dtype)(x)
     logits = keras.layers.Dense(num_classes, name="logits", dtype="float32")(x)

@@ -1,0 +1,179 @@
+"""Whole-model training throughput: tokens/s of `fit` steps of a causal LM.
+
+    python benchmarks/training_throughput.py                      # full run
+    python benchmarks/training_throughput.py --quick --out /tmp/t.json   # CI smoke
+
+A 4-block, width-256 (4 heads of 64, feed-forward 1024) causal language model
+over 256 token ids at B = 8 and N in {512, 2048, 8192}, float32, trained
+with Adam on random ids (throughput does not depend on the data). One
+timed call is one `train_on_batch`, the step `fit` runs, in Keras's CPU
+default (graph mode, no XLA) or with `--jit on`. Models:
+
+- `keras_mha`: `build_causal_lm(attention="softmax")`, Keras MHA (baseline);
+- `ours`: `build_causal_lm()`, `LinearMultiHeadAttention` inside this
+  package's blocks;
+- `hub_softmax`: keras-hub's `TransformerDecoder` stack (its embeddings,
+  its masks, `CachedMultiHeadAttention`);
+- `hub_linear`: the same stack with `kla.hub.TransformerDecoder`.
+
+All models of one length are timed in alternation in one process
+(`_timing.interleaved`), so machine noise hits them alike; "x/MHA" is
+tokens/s over Keras MHA's (above 1, x is faster). A model whose step would
+exceed `--max-seconds` (estimated from the previous length, attention
+growing as N² for softmax) is skipped and reported as such. `--quick`
+shrinks every size; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from _timing import interleaved  # noqa: E402
+from training_shapes import machine  # noqa: E402
+
+import keras_linear_attention as kla  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+IMPLS = ["keras_mha", "ours", "hub_softmax", "hub_linear"]
+FULL = dict(batch=8, hidden_dim=256, num_layers=4, num_heads=4, vocabulary_size=256)
+QUICK = dict(batch=2, hidden_dim=16, num_layers=2, num_heads=2, vocabulary_size=32)
+LENGTHS = [512, 2048, 8192]
+QUADRATIC = ("keras_mha", "hub_softmax")
+
+
+def hub_lm(linear: bool, n: int, shapes: dict) -> keras.Model:
+    """keras-hub's decoder stack as GPT-2 builds it, softmax or linear."""
+    import keras_hub
+
+    from keras_linear_attention import hub
+
+    block = hub.TransformerDecoder if linear else keras_hub.layers.TransformerDecoder
+    d = shapes["hidden_dim"]
+    tokens = keras.Input((n,), dtype="int32")
+    x = keras_hub.layers.TokenAndPositionEmbedding(shapes["vocabulary_size"], n, d)(tokens)
+    for _ in range(shapes["num_layers"]):
+        x = block(intermediate_dim=4 * d, num_heads=shapes["num_heads"], normalize_first=True)(x)
+    x = keras.layers.LayerNormalization()(x)
+    return keras.Model(tokens, keras.layers.Dense(shapes["vocabulary_size"])(x))
+
+
+def build(impl: str, n: int, shapes: dict) -> keras.Model:
+    if impl.startswith("hub_"):
+        return hub_lm(impl == "hub_linear", n, shapes)
+    return kla.build_causal_lm(
+        shapes["vocabulary_size"],
+        max_length=n,
+        hidden_dim=shapes["hidden_dim"],
+        num_layers=shapes["num_layers"],
+        num_heads=shapes["num_heads"],
+        attention="softmax" if impl == "keras_mha" else "linear",
+    )
+
+
+def train_step(impl: str, n: int, jit: bool, shapes: dict):
+    """A call that runs one `fit` step of a fresh model and waits for it."""
+    keras.utils.set_random_seed(0)
+    model = build(impl, n, shapes)
+    model.compile(
+        keras.optimizers.Adam(1e-4),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit,
+    )
+    ids = np.random.default_rng(0).integers(0, shapes["vocabulary_size"], (shapes["batch"], n + 1))
+    x, y = ids[:, :-1].astype("int32"), ids[:, 1:].astype("int32")
+    return lambda: float(model.train_on_batch(x, y))
+
+
+def measure(args, shapes: dict) -> list[dict]:
+    rows, last = [], {}
+    for n in args.lengths:
+        impls = [i for i in args.impls if _fits(i, n, last, args.max_seconds)]
+        skipped = [i for i in args.impls if i not in impls]
+        fns = {i: train_step(i, n, args.jit, shapes) for i in impls}
+        timing = interleaved(fns, rounds=args.rounds, budget_s=args.budget_s)
+        tokens = shapes["batch"] * n
+        row = {
+            "n": n,
+            "ms_per_step": {i: 1e3 * s for i, s in timing["seconds"].items()},
+            "tokens_per_s": {i: tokens / s for i, s in timing["seconds"].items()},
+            "skipped": skipped,
+            "rounds": timing["rounds"],
+        }
+        if impls and impls[0] == "keras_mha":
+            row["over_mha"] = {i: 1 / r for i, r in timing["ratio_to_first"].items()}
+        last = {i: (n, s) for i, s in timing["seconds"].items()}
+        rows.append(row)
+        _print_row(row, args.impls)
+    return rows
+
+
+def _fits(impl: str, n: int, last: dict, max_seconds: float) -> bool:
+    if impl not in last or max_seconds <= 0:
+        return True
+    prev_n, seconds = last[impl]
+    growth = (n / prev_n) ** (2 if impl in QUADRATIC else 1)
+    return seconds * growth <= max_seconds
+
+
+def _print_row(row: dict, impls: list[str]) -> None:
+    cells = []
+    for i in impls:
+        tps = row["tokens_per_s"].get(i)
+        ratio = row.get("over_mha", {}).get(i)
+        cells.append(
+            "skipped" if tps is None else f"{tps:9.0f}" + (f" ({ratio:.2f})" if ratio else "")
+        )
+    print(f"{row['n']:>6}  " + "  ".join(f"{c:>16}" for c in cells), flush=True)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
+    p.add_argument("--lengths", type=int, nargs="+", default=None)
+    p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    p.add_argument("--jit", choices=["off", "on"], default="off")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per length (>= 3)")
+    p.add_argument("--budget-s", type=float, default=60.0, help="time per length")
+    p.add_argument(
+        "--max-seconds", type=float, default=60.0, help="skip a model whose step would take longer"
+    )
+    p.add_argument("--out", default=str(HERE / "results" / "training_throughput.json"))
+    args = p.parse_args(argv)
+    args.jit = args.jit == "on"
+    shapes = QUICK if args.quick else FULL
+    if args.lengths is None:
+        args.lengths = [16, 32] if args.quick else LENGTHS
+    if args.quick:
+        args.rounds, args.budget_s = 1, 0.0
+    print(
+        f"tokens/s of fit steps (x/MHA), B={shapes['batch']}, width {shapes['hidden_dim']}, "
+        f"{shapes['num_layers']} blocks, {'XLA' if args.jit else 'graph mode'}",
+        flush=True,
+    )
+    print(f"{'N':>6}  " + "  ".join(f"{i:>16}" for i in args.impls), flush=True)
+    start = time.perf_counter()
+    rows = measure(args, shapes)
+    report = {
+        "machine": machine(),
+        "shapes": shapes,
+        "jit": args.jit,
+        "impls": args.impls,
+        "results": rows,
+        "seconds": time.perf_counter() - start,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
