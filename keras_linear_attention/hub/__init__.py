@@ -10,6 +10,13 @@ Importing this module imports keras-hub; the core package never does.
 """
 
 from keras_linear_attention.hub.attention import LinearCachedMultiHeadAttention
+from keras_linear_attention.hub.gpt2 import LinearGPT2Backbone, LinearGPT2CausalLM
 from keras_linear_attention.hub.transformer import TransformerDecoder, TransformerEncoder
 
-__all__ = ["LinearCachedMultiHeadAttention", "TransformerDecoder", "TransformerEncoder"]
+__all__ = [
+    "LinearCachedMultiHeadAttention",
+    "LinearGPT2Backbone",
+    "LinearGPT2CausalLM",
+    "TransformerDecoder",
+    "TransformerEncoder",
+]

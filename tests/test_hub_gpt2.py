@@ -1,0 +1,128 @@
+"""GPT-2's architecture with linear attention inside keras-hub's `CausalLM`:
+weights from a softmax GPT-2, the recurrent cache against the parallel pass,
+keras-hub's samplers, ragged prompts, saving."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import assert_close
+
+keras_hub = pytest.importorskip("keras_hub")
+from keras_linear_attention.hub import LinearGPT2Backbone, LinearGPT2CausalLM  # noqa: E402
+
+CONFIG = dict(
+    vocabulary_size=40,
+    num_layers=2,
+    num_heads=2,
+    hidden_dim=8,
+    intermediate_dim=16,
+    max_sequence_length=24,
+    dropout=0.0,
+)
+LENGTH = 10
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26]]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    keras.utils.set_random_seed(3)
+    backbone = LinearGPT2Backbone(**CONFIG)
+    rng = np.random.default_rng(0)
+    backbone.set_weights([rng.normal(0, 0.5, w.shape).astype("float32") for w in backbone.weights])
+    model = LinearGPT2CausalLM(backbone)
+    model.compile(sampler="greedy")
+    return model
+
+
+def _inputs(prompts, length=LENGTH):
+    ids = np.zeros((len(prompts), length), "int32")
+    mask = np.zeros((len(prompts), length), bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)], mask[row, : len(prompt)] = prompt, True
+    return {"token_ids": ids, "padding_mask": mask}
+
+
+def _generate(lm, prompts, **kwargs):
+    return np.asarray(lm.generate(_inputs(prompts), stop_token_ids=None, **kwargs)["token_ids"])
+
+
+def test_softmax_gpt2_weights_load_in_the_same_order():
+    softmax, linear = keras_hub.models.GPT2Backbone(**CONFIG), LinearGPT2Backbone(**CONFIG)
+    assert [w.path for w in linear.weights] == [w.path for w in softmax.weights]
+    linear.set_weights(softmax.get_weights())
+    for a, b in zip(linear.weights, softmax.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["function", "xla"])
+def test_cache_steps_equal_the_parallel_pass(lm, jit):
+    ids = np.asarray(_inputs([PROMPTS[2] + [1, 2, 3]])["token_ids"])
+    parallel = lm({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+    step = tf.function(lm.call_with_cache, jit_compile=jit)
+    logits, _, cache = step(ids[:, :4], lm.get_initial_state(1), 0)
+    outs = [logits]
+    for t in range(4, LENGTH):
+        logits, _, cache = step(ids[:, t : t + 1], cache, t)
+        outs.append(logits)
+    assert_close(f"gpt2 cache steps {jit}", tf.concat(outs, 1), parallel, 2e-4, 2e-5)
+
+
+def test_greedy_generation_equals_parallel_recomputation(lm):
+    out = _generate(lm, PROMPTS[:1])[0]
+    for t in range(len(PROMPTS[0]), LENGTH):
+        ids = out[None, :t]
+        logits = lm({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+        assert out[t] == int(np.argmax(logits[0, -1])), t
+
+
+def test_ragged_prompts_equal_each_prompt_alone(lm):
+    together = _generate(lm, PROMPTS)
+    for row, prompt in enumerate(PROMPTS):
+        np.testing.assert_array_equal(together[row], _generate(lm, [prompt])[0])
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        keras_hub.samplers.TopKSampler(k=1),
+        keras_hub.samplers.TopPSampler(p=0.9, seed=1),
+        keras_hub.samplers.RandomSampler(seed=1),
+        keras_hub.samplers.BeamSampler(num_beams=2),
+    ],
+    ids=["top_k", "top_p", "random", "beam"],
+)
+def test_keras_hub_samplers(lm, sampler):
+    greedy = _generate(lm, PROMPTS)
+    lm.compile(sampler=sampler)
+    try:
+        out = _generate(lm, PROMPTS)
+    finally:
+        lm.compile(sampler="greedy")
+    assert out.shape == greedy.shape
+    assert ((out >= 0) & (out < CONFIG["vocabulary_size"])).all()
+    for row, prompt in enumerate(PROMPTS):
+        np.testing.assert_array_equal(out[row, : len(prompt)], prompt)
+    if isinstance(sampler, keras_hub.samplers.TopKSampler):  # k = 1 is greedy
+        np.testing.assert_array_equal(out, greedy)
+
+
+def test_stop_token_ends_each_row(lm):
+    out = lm.generate(_inputs(PROMPTS), stop_token_ids=(int(_generate(lm, PROMPTS)[0, 5]),))
+    mask = np.asarray(out["padding_mask"])
+    assert mask[0, :6].all() and not mask[0, 6:].any()
+
+
+def test_saves_loads_and_trains(lm, tmp_path):
+    path = str(tmp_path / "lm.keras")
+    lm.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, LinearGPT2CausalLM)
+    assert isinstance(loaded.backbone, LinearGPT2Backbone)
+    loaded.compile(sampler="greedy")
+    np.testing.assert_array_equal(_generate(loaded, PROMPTS), _generate(lm, PROMPTS))
+    data = _inputs(PROMPTS)
+    loaded.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    before = loaded.evaluate(data, data["token_ids"], verbose=0)
+    loaded.fit(data, data["token_ids"], epochs=3, verbose=0)
+    assert loaded.evaluate(data, data["token_ids"], verbose=0) < before
