@@ -126,3 +126,28 @@ def test_saves_loads_and_trains(lm, tmp_path):
     before = loaded.evaluate(data, data["token_ids"], verbose=0)
     loaded.fit(data, data["token_ids"], epochs=3, verbose=0)
     assert loaded.evaluate(data, data["token_ids"], verbose=0) < before
+
+
+def test_text_in_text_out_with_the_byte_preprocessor(tmp_path):
+    """`generate("text")` and `fit(strings)` through keras-hub's preprocessing."""
+    from keras_linear_attention.hub import ByteLevelTokenizer, LinearGPT2CausalLMPreprocessor
+
+    keras.utils.set_random_seed(1)
+    preprocessor = LinearGPT2CausalLMPreprocessor(ByteLevelTokenizer(), sequence_length=16)
+    backbone = LinearGPT2Backbone(**{**CONFIG, "vocabulary_size": 256, "max_sequence_length": 32})
+    lm = LinearGPT2CausalLM(backbone, preprocessor=preprocessor)
+    lm.compile(sampler=keras_hub.samplers.TopPSampler(p=0.9, seed=2))
+    one = lm.generate("In the", max_length=12)
+    assert isinstance(one, str) and one.startswith("In the")
+    two = lm.generate(["In the", "And God said"], max_length=20)
+    assert two[0].startswith("In the") and two[1].startswith("And God said")
+    lm.compile(optimizer="adam")  # the task's own loss over its preprocessor's labels
+    history = lm.fit(["In the beginning God created"] * 8, batch_size=4, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    path = str(tmp_path / "text_lm.keras")
+    lm.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.preprocessor.tokenizer, ByteLevelTokenizer)
+    loaded.compile(sampler="greedy")
+    lm.compile(sampler="greedy")
+    assert loaded.generate("In the", max_length=12) == lm.generate("In the", max_length=12)

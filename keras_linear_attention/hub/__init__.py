@@ -10,13 +10,20 @@ Importing this module imports keras-hub; the core package never does.
 """
 
 from keras_linear_attention.hub.attention import LinearCachedMultiHeadAttention
-from keras_linear_attention.hub.gpt2 import LinearGPT2Backbone, LinearGPT2CausalLM
+from keras_linear_attention.hub.gpt2 import (
+    ByteLevelTokenizer,
+    LinearGPT2Backbone,
+    LinearGPT2CausalLM,
+    LinearGPT2CausalLMPreprocessor,
+)
 from keras_linear_attention.hub.transformer import TransformerDecoder, TransformerEncoder
 
 __all__ = [
+    "ByteLevelTokenizer",
     "LinearCachedMultiHeadAttention",
     "LinearGPT2Backbone",
     "LinearGPT2CausalLM",
+    "LinearGPT2CausalLMPreprocessor",
     "TransformerDecoder",
     "TransformerEncoder",
 ]

@@ -14,9 +14,10 @@ from typing import Any
 
 import keras
 from keras import ops
-from keras_hub.models import GPT2Backbone, GPT2CausalLM
+from keras_hub.models import CausalLMPreprocessor, GPT2Backbone, GPT2CausalLM
 from keras_hub.src.models.gpt2 import gpt2_backbone as hub_gpt2_backbone_module
 from keras_hub.src.utils.tensor_utils import any_equal
+from keras_hub.tokenizers import ByteTokenizer
 
 from keras_linear_attention import feature_maps as fm_lib
 from keras_linear_attention.hub.transformer import TransformerDecoder, _replaced
@@ -52,6 +53,36 @@ class LinearGPT2Backbone(GPT2Backbone):
 
 
 @keras.saving.register_keras_serializable(package=f"{PACKAGE}.hub")
+class ByteLevelTokenizer(ByteTokenizer):
+    """keras-hub's `ByteTokenizer` (256 ids, no vocabulary file) with the
+    start, end and padding ids a `CausalLMPreprocessor` needs: the ASCII
+    control bytes STX (2), ETX (3) and NUL (0). Case is kept by default.
+
+    Example:
+
+    >>> tokenizer = ByteLevelTokenizer()
+    >>> tokenizer("Hi").tolist(), sorted(tokenizer.special_token_ids)
+    ([72, 105], [0, 2, 3])
+    """
+
+    def __init__(self, lowercase: bool = False, **kwargs: Any):
+        super().__init__(lowercase=lowercase, **kwargs)
+        for name, byte in (("start_token", 2), ("end_token", 3), ("pad_token", 0)):
+            self._add_special_token(chr(byte), name)
+            setattr(self, f"{name}_id", byte)
+
+
+@keras.saving.register_keras_serializable(package=f"{PACKAGE}.hub")
+class LinearGPT2CausalLMPreprocessor(CausalLMPreprocessor):
+    """keras-hub's `CausalLMPreprocessor` for `LinearGPT2CausalLM` over
+    bytes: `LinearGPT2CausalLMPreprocessor(ByteLevelTokenizer(), sequence_length=256)`
+    (use a backbone with `vocabulary_size=256`)."""
+
+    backbone_cls = LinearGPT2Backbone
+    tokenizer_cls = ByteLevelTokenizer
+
+
+@keras.saving.register_keras_serializable(package=f"{PACKAGE}.hub")
 class LinearGPT2CausalLM(GPT2CausalLM):
     """keras-hub's `GPT2CausalLM` over a `LinearGPT2Backbone`: `fit`,
     `compile(sampler=...)` and `generate` as in keras-hub, with a recurrent
@@ -80,6 +111,7 @@ class LinearGPT2CausalLM(GPT2CausalLM):
     """
 
     backbone_cls = LinearGPT2Backbone
+    preprocessor_cls = LinearGPT2CausalLMPreprocessor
 
     def get_initial_state(self, batch_size: Any) -> tuple:
         """One empty state `(kv, k_sum)` per block."""
