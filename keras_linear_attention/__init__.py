@@ -24,6 +24,7 @@ from keras_linear_attention.layers import (
     ShortConvolution,
     SinusoidalPositionEmbedding,
 )
+from keras_linear_attention.linearize import attention_transfer, linearize
 from keras_linear_attention.models import build_causal_lm, build_sequence_classifier
 from keras_linear_attention.ops import (
     causal_linear_attention,
@@ -52,6 +53,7 @@ __all__ = [
     "ShortConvolution",
     "SinusoidalPositionEmbedding",
     "TaylorFeatureMap",
+    "attention_transfer",
     "build_causal_lm",
     "build_sequence_classifier",
     "causal_linear_attention",
@@ -60,6 +62,7 @@ __all__ = [
     "kernel_attention_scores",
     "linear_attention",
     "linear_attention_step",
+    "linearize",
     "load_mha_weights",
     "ops",
     "recurrent_linear_attention",

@@ -109,3 +109,31 @@ def test_multi_worker_mirrored_workers_agree_and_match_one_device(tmp_path):
 )
 def test_multi_worker_model_fit(tmp_path):
     _run_two_workers("multiworker", tmp_path)
+
+
+def test_jax_data_parallel_matches_one_device(tmp_path):
+    """`keras.distribution.DataParallel` over two JAX host devices: the loss
+    curve and the weights of one device (same global batch)."""
+    pytest.importorskip("jax")
+    out = tmp_path / "jax.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+    script = SCRIPT.with_name("jax_data_parallel.py")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _wait(proc)
+    report = json.loads(out.read_text())
+    assert report["devices"] == 2
+    one, two = report["one"], report["data_parallel"]
+    assert one["losses"][-1] < one["losses"][0]  # it trains
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-4, atol=1e-5)
+    for a, b in zip(two["weights"], one["weights"], strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-3, atol=1e-5)

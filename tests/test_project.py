@@ -145,6 +145,25 @@ def test_char_lm_example_smoke(tmp_path):
     assert 0 < report["test_bits_per_char"] < 8.5
 
 
+@pytest.mark.skipif(shutil.which("bible") is None, reason="Debian package bible-kjv not installed")
+def test_linearize_char_lm_example_smoke():
+    report = _run_example("linearize_char_lm", ["--quick", "--verbose", "0"])
+    stages = [row["stage"] for row in report["stages"]]
+    assert stages[0] == "softmax" and stages[-1].startswith("linear from scratch")
+    assert all(0 < row["bits"] < 8.5 for row in report["stages"])
+    assert report["deploy"]["signatures"] == ["serve", "prefill", "step"]
+    assert report["deploy"]["tflite_step_max_abs_error"] < 1e-3
+
+
+@needs_debian_data
+def test_linearize_fashion_mnist_example_smoke(fashion_mnist_dir):
+    report = _run_example(
+        "linearize_fashion_mnist", ["--quick", "--verbose", "0", "--data-dir", fashion_mnist_dir]
+    )
+    assert len(report["stages"]) == 5
+    assert all(0 <= row["accuracy"] <= 1 for row in report["stages"])
+
+
 def test_readme_python_examples_run():
     text = (ROOT / "README.md").read_text()
     blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
