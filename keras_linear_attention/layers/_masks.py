@@ -41,7 +41,7 @@ class Plan(NamedTuple):
     causal: Python bool, or a scalar bool tensor where a dense mask whose
         values are known only at run time decides it (the layer then builds
         both paths under a `cond`, and one runs).
-    validity: None, or a 1.0/NaN validity multiplier for the output (a failed run-time
+    validity: None, or a 1.0/NaN multiplier for the output (a failed run-time
         check under XLA, see `_checks.assert_at_runtime`).
     """
 
@@ -103,7 +103,7 @@ def from_attention_mask(
     (NumPy, eager or constant tensors, also inside `tf.function`) are read
     then: a wrong mask raises `ValueError` at once and the causal choice is
     static. Otherwise the checks run in the graph (an assertion; under XLA,
-    which drops assertions, a NaN validity) and `causal` is a scalar tensor.
+    which drops assertions, a NaN multiplier) and `causal` is a scalar tensor.
     """
     mask = ops.convert_to_tensor(attention_mask)
     hint = CAUSAL_HINT if causal else EITHER_HINT
