@@ -14,6 +14,11 @@ How (exact and simple, in two passes):
    holding attention layers as attributes is rebuilt from its config and
    those attributes are swapped in the slot the old one had in Keras's
    tracking order. Every other layer is rebuilt from its config.
+   keras-hub (imported only when a layer comes from it): a
+   `TransformerDecoder`/`Encoder` becomes `kla.hub`'s from its config, a
+   `GPT2Backbone` becomes `LinearGPT2Backbone` from its config and a
+   `GPT2CausalLM` a `LinearGPT2CausalLM` over the converted backbone (the
+   same preprocessor); these keep keras-hub's weight order.
 2. Copy the original's weights, in order, onto the result's weights that
    are not new. Keras lists weights in tracking (creation) order, and a
    linear attention layer has its softmax layer's weights (query, key,
@@ -25,6 +30,7 @@ How (exact and simple, in two passes):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,6 +45,7 @@ from keras_linear_attention.layers._recurrence import RECURRENCES
 from keras_linear_attention.linearize._common import (
     MHA,
     MHA_CALL,
+    attention_layers,
     is_softmax_attention,
     new_weight_ids,
 )
@@ -62,8 +69,14 @@ def linearize(
     projection weights; `LinearTransformerDecoder`/`Encoder` blocks built
     with `attention="softmax"` become linear blocks (a decoder's causal
     self-attention becomes a `CausalLinearAttention`, so the model
-    generates recurrently). Calls keep their arguments: a causal softmax
-    layer becomes a causal linear one. Every layer keeps its name and every
+    generates recurrently). keras-hub (optional, imported only for its
+    layers): a `keras_hub.layers.TransformerDecoder`/`Encoder` becomes a
+    `kla.hub.TransformerDecoder`/`Encoder`, a `keras_hub.models.GPT2Backbone`
+    a `kla.hub.LinearGPT2Backbone`, and a `GPT2CausalLM` a
+    `kla.hub.LinearGPT2CausalLM` (same preprocessor, compile config and
+    sampler) whose `generate` carries a recurrent state; other keras-hub
+    models with attention are refused. Calls keep their arguments: a causal
+    softmax layer becomes a causal linear one. Every layer keeps its name and every
     other weight its value; the only new weights are φ's (and those of a
     gated or delta `recurrence`), so with a parameter-free φ such as
     `"elu"` `get_weights()` of the result equals the original's. `model` is
@@ -86,8 +99,8 @@ def linearize(
             `LinearTransformerDecoder` blocks one of `"retention"`,
             `"gated"`, `"delta"`, `"gated_delta"` (see
             `CausalLinearAttention`); other attention layers become plain
-            linear attention, and a bare causal `MultiHeadAttention` call is
-            refused (it has no recurrent state).
+            linear attention, and a bare causal `MultiHeadAttention` call
+            or a keras-hub decoder is refused (it has no such state).
         skip_unconvertible: Keep layers that linear attention cannot
             reproduce as softmax (listed in a warning) instead of raising.
 
@@ -101,7 +114,9 @@ def linearize(
             `attention_mask` (only padding and causal masks are linear),
             `attention_axes` over a subset of the positional axes,
             `sliding_window`, a `MultiHeadAttention` subclass other than
-            this package's; also for bad arguments.
+            this package's (such as keras-hub's `CachedMultiHeadAttention`
+            outside the keras-hub classes above), a keras-hub model other
+            than GPT-2 holding attention; also for bad arguments.
 
     Custom layers are rebuilt with `from_config(get_config())`; one whose
     config builds a softmax layer again (no "attention" option) is
@@ -128,7 +143,7 @@ def linearize(
     if not isinstance(skip_unconvertible, bool):
         raise TypeError(f"`skip_unconvertible` must be True or False; got {skip_unconvertible!r}.")
     ctx = _Context(_feature_map_factory(feature_map, recurrence), recurrence, skip_unconvertible)
-    result = _convert_model(model, ctx)
+    result = _convert_root(model, ctx)
     if not ctx.converted and not ctx.skipped:
         raise ValueError(
             f"Model {model.name!r} has no softmax attention layer to linearize (no "
@@ -153,6 +168,7 @@ class _Context:
         self.reasons: dict[int, str] = {}  # id(layer) -> why its calls cannot be linear
         self.converted: list[keras.layers.Layer] = []
         self.skipped: list[tuple[str, str]] = []
+        self.kept: set[int] = set()  # ids of the softmax copies of skipped layers
         self._path: list[str] = []
 
     @contextlib.contextmanager
@@ -175,7 +191,9 @@ class _Context:
                 f"{reason}. Pass skip_unconvertible=True to keep it softmax."
             )
         self.skipped.append((self.path, reason))
-        return _clone(layer, self)
+        copy = _clone(layer, self)
+        self.kept.add(id(copy))
+        return copy
 
 
 def _feature_map_factory(feature_map: Any, recurrence: str) -> Callable[[], Any]:
@@ -198,6 +216,15 @@ def _feature_map_factory(feature_map: Any, recurrence: str) -> Callable[[], Any]
     return make
 
 
+def _convert_root(model: keras.Model, ctx: _Context) -> keras.Model:
+    if _from_keras_hub(model):
+        with ctx.at(model.name):
+            new = _convert_hub(model, ctx)
+        if new is not None:
+            return new
+    return _convert_model(model, ctx)
+
+
 def _convert_model(model: keras.Model, ctx: _Context) -> keras.Model:
     ctx.reasons.update(_call_reasons(model, ctx.recurrence))
     clone = lambda layer: _convert(layer, ctx)
@@ -215,6 +242,9 @@ def _same_input(x: keras.KerasTensor) -> keras.KerasTensor:
 def _convert(layer: keras.layers.Layer, ctx: _Context) -> keras.layers.Layer:
     """The new layer for `layer` (clone_model's `clone_function`)."""
     with ctx.at(layer.name):
+        new = _convert_hub(layer, ctx) if _from_keras_hub(layer) else None
+        if new is not None:
+            return new
         if isinstance(layer, (Functional, keras.Sequential)):
             return _convert_model(layer, ctx)
         if is_softmax_attention(layer):
@@ -251,9 +281,15 @@ def _convert_attention(layer: MHA, ctx: _Context) -> keras.layers.Layer:
 def _config_reason(layer: MHA) -> str | None:
     """Why this layer's configuration has no linear counterpart, if it has none."""
     if type(layer) is not MHA:
+        hub = (
+            " (and keras-hub's TransformerDecoder, TransformerEncoder, GPT2Backbone and "
+            "GPT2CausalLM, whole)"
+            if _from_keras_hub(layer)
+            else ""
+        )
         return (
             f"it is a {type(layer).__name__}, a subclass of MultiHeadAttention whose call "
-            "may differ; only keras.layers.MultiHeadAttention itself is converted"
+            f"may differ; only keras.layers.MultiHeadAttention itself is converted{hub}"
         )
     config = layer.get_config()
     if config.get("sliding_window") is not None:
@@ -281,10 +317,14 @@ def _call_reasons(model: keras.Model, recurrence: str) -> dict[int, str]:
     for nodes in model._nodes_by_depth.values():
         for node in nodes:
             layer = node.operation
-            if not is_softmax_attention(layer):
+            if is_softmax_attention(layer):
+                signature = MHA_CALL
+            elif _from_keras_hub(layer) and _hub_target(layer) is not None:
+                signature = inspect.signature(type(layer).call)
+            else:
                 continue
             try:
-                call = MHA_CALL.bind(layer, *node.arguments.args, **node.arguments.kwargs)
+                call = signature.bind(layer, *node.arguments.args, **node.arguments.kwargs)
             except TypeError:
                 continue
             reason = _call_reason(call.arguments, recurrence)
@@ -294,6 +334,13 @@ def _call_reasons(model: keras.Model, recurrence: str) -> dict[int, str]:
 
 
 def _call_reason(call: dict, recurrence: str) -> str | None:
+    for name in ("decoder_attention_mask", "encoder_attention_mask"):  # keras-hub's decoder
+        if call.get(name) is not None:
+            return (
+                f"it is called with an explicit `{name}`; linear attention computes only "
+                "padding and causal masks: pass `decoder_padding_mask` / "
+                "`encoder_padding_mask` instead"
+            )
     if call.get("attention_mask") is not None:
         return (
             "it is called with an explicit `attention_mask`; linear attention computes only "
@@ -327,10 +374,92 @@ def _convert_block(layer: keras.layers.Layer, ctx: _Context) -> keras.layers.Lay
     return new
 
 
+def _from_keras_hub(layer: Any) -> bool:
+    """Whether `layer`'s class is keras-hub's (tested without importing keras-hub)."""
+    return type(layer).__module__.split(".")[0] == "keras_hub"
+
+
+def _hub_target(layer: Any) -> type | None:
+    """The `kla.hub` class for a keras-hub block or GPT-2 backbone of exactly
+    the class keras-hub exports (subclasses may call differently)."""
+    import keras_hub
+
+    from keras_linear_attention import hub
+
+    targets = {
+        keras_hub.layers.TransformerDecoder: hub.TransformerDecoder,
+        keras_hub.layers.TransformerEncoder: hub.TransformerEncoder,
+        keras_hub.models.GPT2Backbone: hub.LinearGPT2Backbone,
+    }
+    return targets.get(type(layer))
+
+
+def _convert_hub(layer: keras.layers.Layer, ctx: _Context) -> keras.layers.Layer | None:
+    """The `kla.hub` counterpart of a keras-hub layer or model; None to
+    convert it as any other layer (it holds no softmax attention, or it is
+    a block such as a `TransformerDecoder` subclass whose attention
+    attributes are then judged one by one)."""
+    import keras_hub
+
+    from keras_linear_attention import hub
+
+    if type(layer) is keras_hub.models.GPT2CausalLM:
+        return _convert_gpt2_causal_lm(layer, ctx)
+    target = _hub_target(layer)
+    if target is None:
+        if isinstance(layer, Functional) and _holds_softmax_attention(layer):
+            inside = [path for path, sub in attention_layers(layer) if is_softmax_attention(sub)]
+            return ctx.unconvertible(
+                layer,
+                f"it is a keras-hub {type(layer).__name__} with softmax attention "
+                f"({', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''}); of "
+                "keras-hub's models linearize converts GPT2Backbone and GPT2CausalLM (and "
+                "TransformerDecoder/Encoder blocks in functional models)",
+            )
+        return None
+    reason = ctx.reasons.get(id(layer))
+    if not reason and ctx.recurrence != "linear" and target is not hub.TransformerEncoder:
+        reason = (
+            f"recurrence={ctx.recurrence!r} applies to LinearTransformerDecoder blocks; "
+            "keras-hub's decoders become kla.hub ones, use recurrence='linear'"
+        )
+    if reason:
+        return ctx.unconvertible(layer, reason)
+    try:
+        new = target.from_config({**layer.get_config(), "feature_map": ctx.feature_map()})
+        fm_lib.get(new.feature_map)  # what `build` will do: fail here, naming the layer
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"linearize could not build {target.__name__} for layer {ctx.path!r}: {error}. "
+            "kla.hub blocks rebuild φ from its config: pass a name, a config or a "
+            "registered feature-map layer, not a plain callable."
+        ) from error
+    ctx.converted.append(new)
+    return new
+
+
+def _convert_gpt2_causal_lm(model: keras.Model, ctx: _Context) -> keras.Model:
+    """A `LinearGPT2CausalLM` over the converted backbone, with the same
+    preprocessor (shared: keras-hub tokenizers keep their vocabulary outside
+    their config), compile config and a copy of the sampler."""
+    import keras_hub
+
+    from keras_linear_attention import hub
+
+    backbone = _convert(model.backbone, ctx)
+    cls = hub.LinearGPT2CausalLM if isinstance(backbone, hub.LinearGPT2Backbone) else type(model)
+    new = cls(backbone, preprocessor=model.preprocessor, name=model.name, compile=False)
+    if model.compiled:
+        config = keras.saving.deserialize_keras_object(model.get_compile_config())
+        sampler = keras_hub.samplers.get(keras_hub.samplers.serialize(model.sampler))
+        new.compile(**config, sampler=sampler)
+    return new
+
+
 def _convert_container(layer: keras.layers.Layer, ctx: _Context) -> keras.layers.Layer:
     """Rebuild a custom layer from its config, then swap its attention attributes."""
     new = _clone(layer, ctx)
-    if layer.built and type(new).build is not keras.layers.Layer.build:
+    if layer.built and not new.built and type(new).build is not keras.layers.Layer.build:
         new.build_from_config(layer.get_build_config())  # sublayers made in `build`
     done: dict[int, keras.layers.Layer] = {}  # id(new's old child) -> replacement
     for name, value in list(vars(layer).items()):
@@ -361,7 +490,9 @@ def _swap_child(parent, original, counterpart, assign, done, ctx) -> None:
             f"{original.name!r}. Its get_config() must return every constructor argument."
         )
     if id(counterpart) not in done:
-        done[id(counterpart)] = _convert(original, ctx)
+        replacement = _convert(original, ctx)
+        # Kept softmax: the rebuilt parent's own copy is that already, and built.
+        done[id(counterpart)] = counterpart if id(replacement) in ctx.kept else replacement
     replacement = done[id(counterpart)]
     if counterpart is replacement:
         return
