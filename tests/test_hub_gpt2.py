@@ -150,4 +150,17 @@ def test_text_in_text_out_with_the_byte_preprocessor(tmp_path):
     assert isinstance(loaded.preprocessor.tokenizer, ByteLevelTokenizer)
     loaded.compile(sampler="greedy")
     lm.compile(sampler="greedy")
-    assert loaded.generate("In the", max_length=12) == lm.generate("In the", max_length=12)
+    expected = lm.generate("In the", max_length=12)
+    assert loaded.generate("In the", max_length=12) == expected
+    # keras-hub's own format: a local preset directory, reloaded by the base class.
+    lm.save_to_preset(str(tmp_path / "preset"))
+    preset = keras_hub.models.CausalLM.from_preset(str(tmp_path / "preset"))
+    assert isinstance(preset, LinearGPT2CausalLM)
+    preset.compile(sampler="greedy")
+    assert preset.generate("In the", max_length=12) == expected
+    # Keras's export: the parallel forward pass as a SavedModel.
+    lm.export(str(tmp_path / "saved_model"), format="tf_saved_model", verbose=False)
+    ids = np.array([[73, 110, 32, 116, 104, 101]], "int32")
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    saved_model = tf.saved_model.load(str(tmp_path / "saved_model"))  # keep: owns variables
+    assert_close("gpt2 saved model", saved_model.serve(inputs), lm(inputs), 1e-5, 1e-6)

@@ -71,6 +71,12 @@ class ByteLevelTokenizer(ByteTokenizer):
             self._add_special_token(chr(byte), name)
             setattr(self, f"{name}_id", byte)
 
+    def save_assets(self, dir_path: str) -> None:
+        """Nothing to save (bytes need no vocabulary file); for keras-hub presets."""
+
+    def load_preset_assets(self, preset: str) -> None:
+        """Nothing to load (see `save_assets`)."""
+
 
 @keras.saving.register_keras_serializable(package=f"{PACKAGE}.hub")
 class LinearGPT2CausalLMPreprocessor(CausalLMPreprocessor):
