@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-jit", action="store_true", help="no XLA (slower on CPU)")
     p.add_argument("--quick", action="store_true", help="smoke run: numbers mean nothing")
+    p.add_argument(
+        "--softmax-model", default=None, help=".keras file: reused if it exists, else written"
+    )
     p.add_argument("--out", default=None, help="write the report to this JSON file")
     p.add_argument("--verbose", type=int, default=1)
     args = p.parse_args(argv)
@@ -152,13 +155,8 @@ def main(argv=None) -> dict:
         )
         print(f"{stage:<44} {rows[-1]['bits']:.3f} bits/char", flush=True)
 
-    softmax = build(args, "softmax")
-    record(
-        "softmax",
-        softmax,
-        args.steps,
-        train(softmax, args, args.steps, args.learning_rate, 1, train_ids),
-    )
+    softmax, seconds = softmax_lm(args, train_ids)
+    record("softmax", softmax, args.steps, seconds)
 
     linear = kla.linearize(softmax, feature_map=args.feature_map)
     compile_for(linear, finetune_steps, args.finetune_learning_rate, not args.no_jit)
@@ -188,6 +186,20 @@ def main(argv=None) -> dict:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
     return report
+
+
+def softmax_lm(args, train_ids: np.ndarray) -> tuple[keras.Model, float]:
+    """The trained softmax LM and its training seconds: loaded from
+    `--softmax-model` when that file exists (trained with these arguments),
+    else trained here and, with `--softmax-model`, saved there."""
+    path = args.softmax_model
+    if path and os.path.exists(path):
+        return keras.models.load_model(path), 0.0
+    model = build(args, "softmax")
+    seconds = train(model, args, args.steps, args.learning_rate, 1, train_ids)
+    if path:
+        model.save(path)
+    return model, seconds
 
 
 def deploy(model: keras.Model, args) -> dict:
