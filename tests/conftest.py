@@ -61,6 +61,18 @@ def prefill_then_steps(layer, x, prompt, mode):
     return tf.concat(outs, 1), prompt_state, state
 
 
+# A GPT-2 small enough for unit tests (keras-hub's `GPT2Backbone` arguments).
+TINY_GPT2 = dict(
+    vocabulary_size=40,
+    num_layers=2,
+    num_heads=2,
+    hidden_dim=8,
+    intermediate_dim=16,
+    max_sequence_length=24,
+    dropout=0.0,
+)
+
+
 def seeded_mha(num_heads=2, key_dim=4, **kwargs):
     """A `LinearMultiHeadAttention` whose weights are seeded draws of scale
     0.5 (biases included), large enough that errors in any path show."""

@@ -6,20 +6,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_close
+from conftest import TINY_GPT2, assert_close
 
 keras_hub = pytest.importorskip("keras_hub")
 from keras_linear_attention.hub import LinearGPT2Backbone, LinearGPT2CausalLM  # noqa: E402
 
-CONFIG = dict(
-    vocabulary_size=40,
-    num_layers=2,
-    num_heads=2,
-    hidden_dim=8,
-    intermediate_dim=16,
-    max_sequence_length=24,
-    dropout=0.0,
-)
+CONFIG = TINY_GPT2
 LENGTH = 10
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26]]
 

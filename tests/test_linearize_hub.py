@@ -9,21 +9,14 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from conftest import TINY_GPT2
 
 keras_hub = pytest.importorskip("keras_hub")
 import keras_linear_attention as kla  # noqa: E402
 from keras_linear_attention import hub  # noqa: E402
 
 T, DIM, HEADS, FF = 7, 8, 2, 16
-GPT2 = dict(
-    vocabulary_size=40,
-    num_layers=2,
-    num_heads=2,
-    hidden_dim=8,
-    intermediate_dim=16,
-    max_sequence_length=24,
-    dropout=0.0,
-)
+GPT2 = TINY_GPT2
 LENGTH = 10
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13]]
 

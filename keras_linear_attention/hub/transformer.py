@@ -42,8 +42,24 @@ def _linear(cls: type, feature_map: Any, **options: Any) -> Any:
     return make
 
 
+class _LinearAttentionOptions:
+    """φ and the attention options of a keras-hub block made linear, in its config."""
+
+    def _set_attention_options(self, feature_map: Any, eps: Any, chunk_size: Any) -> None:
+        self.feature_map = fm_lib.serialize(fm_lib.get(feature_map))
+        # Only those given: the attention layer's defaults otherwise.
+        given = {"eps": eps, "chunk_size": chunk_size}
+        self._attention_options = {k: v for k, v in given.items() if v is not None}
+
+    def _attention_factory(self, cls: type) -> Any:
+        return _linear(cls, self.feature_map, **self._attention_options)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "feature_map": self.feature_map, **self._attention_options}
+
+
 @keras.saving.register_keras_serializable(package=f"{PACKAGE}.hub")
-class TransformerDecoder(HubTransformerDecoder):
+class TransformerDecoder(_LinearAttentionOptions, HubTransformerDecoder):
     """`keras_hub.layers.TransformerDecoder` with linear attention.
 
     The arguments, sublayers, weights (in the same order) and masks of
@@ -86,15 +102,12 @@ class TransformerDecoder(HubTransformerDecoder):
             kwargs.pop("encoder_sequence_shape", None),
         )
         super().__init__(intermediate_dim, num_heads, **kwargs)
-        self.feature_map = fm_lib.serialize(fm_lib.get(feature_map))
-        self._attention_options = _options(eps, chunk_size)
+        self._set_attention_options(feature_map, eps, chunk_size)
         if shapes[0]:
             self.build(*shapes)
 
     def build(self, decoder_sequence_shape, encoder_sequence_shape=None):
-        factory = _linear(
-            LinearCachedMultiHeadAttention, self.feature_map, **self._attention_options
-        )
+        factory = self._attention_factory(LinearCachedMultiHeadAttention)
         with _replaced(hub_decoder_module, "CachedMultiHeadAttention", factory):
             super().build(decoder_sequence_shape, encoder_sequence_shape)
 
@@ -124,14 +137,9 @@ class TransformerDecoder(HubTransformerDecoder):
             None,
         )
 
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update(feature_map=self.feature_map, **self._attention_options)
-        return config
-
 
 @keras.saving.register_keras_serializable(package=f"{PACKAGE}.hub")
-class TransformerEncoder(HubTransformerEncoder):
+class TransformerEncoder(_LinearAttentionOptions, HubTransformerEncoder):
     """`keras_hub.layers.TransformerEncoder` with linear attention.
 
     keras-hub's encoder with `LinearMultiHeadAttention` where it has
@@ -156,21 +164,9 @@ class TransformerEncoder(HubTransformerEncoder):
         **kwargs,
     ):
         super().__init__(intermediate_dim, num_heads, **kwargs)
-        self.feature_map = fm_lib.serialize(fm_lib.get(feature_map))
-        self._attention_options = _options(eps, chunk_size)
+        self._set_attention_options(feature_map, eps, chunk_size)
 
     def build(self, inputs_shape):
-        factory = _linear(LinearMultiHeadAttention, self.feature_map, **self._attention_options)
+        factory = self._attention_factory(LinearMultiHeadAttention)
         with _replaced(keras.layers, "MultiHeadAttention", factory):
             super().build(inputs_shape)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update(feature_map=self.feature_map, **self._attention_options)
-        return config
-
-
-def _options(eps: Any, chunk_size: Any) -> dict:
-    """The attention options that were given (the layer's defaults otherwise)."""
-    given = {"eps": eps, "chunk_size": chunk_size}
-    return {k: v for k, v in given.items() if v is not None}
