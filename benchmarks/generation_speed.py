@@ -54,7 +54,7 @@ class CachedSoftmaxStep:
         shape = (batch, length, mha.num_heads, mha.key_dim)
         return [tf.zeros(shape) for _ in range(2 * len(self.blocks))]
 
-    def _attend(self, mha, x, k_cache, v_cache, index):
+    def _cached_attention(self, mha, x, k_cache, v_cache, index):
         q = mha._query_dense(x)  # (B, 1, H, D)
         # Write this token's key and value in place, as keras-hub's cache does.
         start = [0, index, 0, 0]
@@ -72,7 +72,7 @@ class CachedSoftmaxStep:
         new = []
         for i, block in enumerate(self.blocks):
             h = block._self_attention_norm(x)
-            attn, k, v = self._compute_attention(
+            attn, k, v = self._cached_attention(
                 block._self_attention, h, caches[2 * i], caches[2 * i + 1], index
             )
             x = x + attn

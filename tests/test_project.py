@@ -147,7 +147,8 @@ def test_char_lm_example_smoke(tmp_path):
 
 @pytest.mark.skipif(shutil.which("bible") is None, reason="Debian package bible-kjv not installed")
 def test_linearize_char_lm_example_smoke():
-    report = _run_example("linearize_char_lm", ["--quick", "--verbose", "0"])
+    # Graph mode: XLA is the transfer tests' business (tests/test_linearize.py).
+    report = _run_example("linearize_char_lm", ["--quick", "--no-jit", "--verbose", "0"])
     stages = [row["stage"] for row in report["stages"]]
     assert stages[0] == "softmax" and stages[-1].startswith("linear from scratch")
     assert all(0 < row["bits"] < 8.5 for row in report["stages"])
@@ -158,7 +159,8 @@ def test_linearize_char_lm_example_smoke():
 @needs_debian_data
 def test_linearize_fashion_mnist_example_smoke(fashion_mnist_dir):
     report = _run_example(
-        "linearize_fashion_mnist", ["--quick", "--verbose", "0", "--data-dir", fashion_mnist_dir]
+        "linearize_fashion_mnist",
+        ["--quick", "--no-jit", "--verbose", "0", "--data-dir", fashion_mnist_dir],
     )
     assert len(report["stages"]) == 5
     assert all(0 <= row["accuracy"] <= 1 for row in report["stages"])
