@@ -73,6 +73,27 @@ TINY_GPT2 = dict(
 )
 
 
+def weight_values(model):
+    """Copies of every weight of `model`, in order."""
+    return [w.numpy().copy() for w in model.weights]
+
+
+def frozen_weights(linear):
+    """Copies of `linear`'s weights but the Hedgehog maps' (what attention
+    transfer must leave alone)."""
+    return [w.numpy().copy() for w in linear.weights if "hedgehog" not in w.path]
+
+
+def assert_transfer_left_alone(softmax, softmax_before, linear, frozen):
+    """After `attention_transfer`: only the feature maps trained, the softmax
+    model is untouched and no recording wrapper is left on its layers."""
+    for a, b in zip(frozen_weights(linear), frozen, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(weight_values(softmax), softmax_before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert all("call" not in vars(layer) for layer in softmax._flatten_layers())
+
+
 def seeded_mha(num_heads=2, key_dim=4, **kwargs):
     """A `LinearMultiHeadAttention` whose weights are seeded draws of scale
     0.5 (biases included), large enough that errors in any path show."""

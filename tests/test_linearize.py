@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_close
+from conftest import assert_close, assert_transfer_left_alone, frozen_weights, weight_values
 from reference import elu_plus_one, hedgehog, layer_reference
 
 import keras_linear_attention as kla
@@ -65,10 +65,6 @@ def _names(model):
     return names + [path for path, _ in attention_layers(model)]
 
 
-def _values(model):
-    return [w.numpy().copy() for w in model.weights]
-
-
 def _lm(attention="softmax", **kwargs):
     keras.utils.set_random_seed(0)
     return kla.build_causal_lm(
@@ -81,10 +77,10 @@ def _lm(attention="softmax", **kwargs):
 
 def test_elu_keeps_every_weight_and_name_in_order():
     softmax = _lm()
-    before = _values(softmax)
+    before = weight_values(softmax)
     linear = kla.linearize(softmax, feature_map="elu")
     assert [w.name for w in linear.weights] == [w.name for w in softmax.weights]
-    for a, b in zip(_values(linear), before, strict=True):
+    for a, b in zip(weight_values(linear), before, strict=True):
         np.testing.assert_array_equal(a, b)
     assert _names(linear) == _names(softmax)
     for i in range(2):
@@ -193,10 +189,10 @@ def test_sequential_and_nested_models(rng):
     sequential = keras.Sequential([keras.Input((T, DIM)), block, inner], name="seq")
     xs = _x(rng, 2, T, DIM)
     for model in (outer, sequential):
-        before = _values(model)
+        before = weight_values(model)
         linear = kla.linearize(model, feature_map="elu")
         assert _names(linear) == _names(model)
-        for a, b in zip(_values(linear), before, strict=True):
+        for a, b in zip(weight_values(linear), before, strict=True):
             np.testing.assert_array_equal(a, b)
         converted = attention_layers(linear)
         assert converted and all(isinstance(a, kla.LinearMultiHeadAttention) for _, a in converted)
@@ -228,13 +224,13 @@ def test_attention_held_by_a_custom_layer(rng):
     x = keras.Input((T, DIM), name="x")
     model = keras.Model(x, _Block(name="block")(x))
     xs = _x(rng, 2, T, DIM)
-    before = _values(model)
+    before = weight_values(model)
     linear = kla.linearize(model, feature_map="elu")
     block = linear.get_layer("block")
     assert isinstance(block.attention, kla.LinearMultiHeadAttention)
     assert isinstance(block.more[1], kla.LinearMultiHeadAttention)
     assert block._layers.index(block.attention) == 1  # the slot the softmax layer had
-    for a, b in zip(_values(linear), before, strict=True):
+    for a, b in zip(weight_values(linear), before, strict=True):
         np.testing.assert_array_equal(a, b)
     norm, mix = block.norm(xs), block.more[0]
     first = layer_reference(_projections(block.attention), norm, xs, causal=True)
@@ -338,9 +334,9 @@ needs_kjv = pytest.mark.skipif(shutil.which("bible") is None, reason="Debian bib
 def test_transfer_reduces_every_layers_loss_on_real_text():
     softmax = _trained_softmax_lm()
     batches = _kjv_batches(3)
-    before = _values(softmax)
+    before = weight_values(softmax)
     linear = kla.linearize(softmax)
-    frozen = [w.numpy().copy() for w in linear.weights if "hedgehog" not in w.path]
+    frozen = frozen_weights(linear)
     history = kla.attention_transfer(
         softmax, linear, batches[:2], steps=24, learning_rate=0.03, verbose=0
     )
@@ -350,12 +346,7 @@ def test_transfer_reduces_every_layers_loss_on_real_text():
         first, last = np.mean(losses[:2]), np.mean(losses[-2:])
         assert last < 0.8 * first, (name, first, last)
     # Only the feature maps trained; the softmax model is untouched.
-    after = [w.numpy() for w in linear.weights if "hedgehog" not in w.path]
-    for a, b in zip(after, frozen, strict=True):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(_values(softmax), before, strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert all("call" not in vars(layer) for layer in softmax._flatten_layers())
+    assert_transfer_left_alone(softmax, before, linear, frozen)
 
 
 def _trained_softmax_lm():

@@ -9,7 +9,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import TINY_GPT2
+from conftest import TINY_GPT2, assert_transfer_left_alone, frozen_weights, weight_values
 
 keras_hub = pytest.importorskip("keras_hub")
 import keras_linear_attention as kla  # noqa: E402
@@ -25,10 +25,6 @@ def _randomize(model, seed=0, scale=0.5):
     """Weights away from keras-hub's init (zero biases, unit norms, tiny values)."""
     rng = np.random.default_rng(seed)
     model.set_weights([rng.normal(0, scale, w.shape).astype("float32") for w in model.weights])
-
-
-def _values(model):
-    return [w.numpy().copy() for w in model.weights]
 
 
 def _assert_same_weights(a, b):
@@ -82,7 +78,7 @@ def test_hub_blocks_become_kla_hub_blocks_with_the_same_weights():
         keras_hub.layers.TransformerEncoder, keras_hub.layers.TransformerDecoder
     )
     _randomize(softmax)
-    before = _values(softmax)
+    before = weight_values(softmax)
     linear = kla.linearize(softmax, feature_map="elu")
     assert type(linear.get_layer("encoder")) is hub.TransformerEncoder
     assert type(linear.get_layer("decoder")) is hub.TransformerDecoder
@@ -94,7 +90,7 @@ def test_hub_blocks_become_kla_hub_blocks_with_the_same_weights():
     np.testing.assert_array_equal(linear(inputs).numpy(), direct(inputs).numpy())
     # The original is untouched.
     assert type(softmax.get_layer("decoder")) is keras_hub.layers.TransformerDecoder
-    for a, b in zip(_values(softmax), before, strict=True):
+    for a, b in zip(weight_values(softmax), before, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -127,7 +123,7 @@ def test_gpt2_backbone_becomes_linear_gpt2_backbone():
 
 
 def test_gpt2_causal_lm_generates_recurrently(gpt2_lm):
-    before = _values(gpt2_lm)
+    before = weight_values(gpt2_lm)
     linear = kla.linearize(gpt2_lm, feature_map="elu")
     assert type(linear) is hub.LinearGPT2CausalLM
     assert type(linear.backbone) is hub.LinearGPT2Backbone
@@ -143,7 +139,7 @@ def test_gpt2_causal_lm_generates_recurrently(gpt2_lm):
             assert out[row, t] == int(np.argmax(logits[0, -1])), (row, t)
     # The original is untouched and still generates with softmax attention.
     assert type(gpt2_lm.backbone.transformer_layers[0]) is keras_hub.layers.TransformerDecoder
-    for a, b in zip(_values(gpt2_lm), before, strict=True):
+    for a, b in zip(weight_values(gpt2_lm), before, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -168,9 +164,9 @@ def test_gpt2_causal_lm_keeps_its_preprocessor_and_reloads(tmp_path):
 
 
 def test_attention_transfer_on_gpt2(gpt2_lm):
-    softmax_before = _values(gpt2_lm)
+    softmax_before = weight_values(gpt2_lm)
     linear = kla.linearize(gpt2_lm)  # Hedgehog, trainable
-    frozen = [w.numpy().copy() for w in linear.weights if "hedgehog" not in w.path]
+    frozen = frozen_weights(linear)
     rng = np.random.default_rng(0)
     ids = rng.integers(1, GPT2["vocabulary_size"], (4, 12)).astype("int32")
     batch = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
@@ -180,12 +176,7 @@ def test_attention_transfer_on_gpt2(gpt2_lm):
     assert list(history) == ["loss", *layers]
     for name in layers:
         assert history[name][-1] < 0.7 * history[name][0], (name, history[name])
-    after = [w.numpy() for w in linear.weights if "hedgehog" not in w.path]
-    for a, b in zip(after, frozen, strict=True):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(_values(gpt2_lm), softmax_before, strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert all("call" not in vars(layer) for layer in gpt2_lm._flatten_layers())
+    assert_transfer_left_alone(gpt2_lm, softmax_before, linear, frozen)
 
 
 # ---- what is refused ---------------------------------------------------------
