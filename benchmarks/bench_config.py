@@ -155,7 +155,7 @@ def _matmul_gflops() -> float:
 def _fit(cfg: dict):
     n, batch, steps = cfg["n"], 2, cfg.get("steps", 8)
     keras.utils.set_random_seed(0)
-    model = kla.build_causal_lm(256, max_length=n, hidden_dim=256, num_layers=2, num_heads=4)
+    model = kla.build_causal_lm(256, sequence_length=n, hidden_dim=256, num_layers=2, num_heads=4)
     model.compile(
         "adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=cfg["jit"]
     )

@@ -132,7 +132,7 @@ def main(argv=None) -> list[dict]:
     longest = max(args.contexts) + args.memory_steps + 2
     make = lambda attention: build_causal_lm(
         256,
-        max_length=longest,
+        sequence_length=longest,
         hidden_dim=args.hidden_dim,
         num_layers=args.num_layers,
         num_heads=4,

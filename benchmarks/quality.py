@@ -302,7 +302,7 @@ def kind_options(kind: str, width: int, config: Config) -> dict:
     return options
 
 
-def build_lm(kind, vocabulary_size, width, layers, max_length, config, seed, name):
+def build_lm(kind, vocabulary_size, width, layers, sequence_length, config, seed, name):
     import keras
 
     from keras_linear_attention import build_causal_lm
@@ -310,7 +310,7 @@ def build_lm(kind, vocabulary_size, width, layers, max_length, config, seed, nam
     keras.utils.set_random_seed(seed)  # same initial weights for a kind, every run
     return build_causal_lm(
         vocabulary_size,
-        max_length=max_length,
+        sequence_length=sequence_length,
         hidden_dim=width,
         num_layers=layers,
         position="learned",
@@ -319,7 +319,7 @@ def build_lm(kind, vocabulary_size, width, layers, max_length, config, seed, nam
     )
 
 
-def build_mixer_lm(kind, vocabulary_size, width, layers, max_length, config, seed, name):
+def build_mixer_lm(kind, vocabulary_size, width, layers, sequence_length, config, seed, name):
     """Zoology's MQAR model: token + learned position embeddings, then
     `layers` pre-norm residual blocks of attention alone (Zoology's
     `state_mixer` is the identity: no feed-forward), final norm, LM head.
@@ -334,7 +334,7 @@ def build_mixer_lm(kind, vocabulary_size, width, layers, max_length, config, see
     heads = options.pop("num_heads")
     tokens = keras.Input((None,), dtype="int32", name="token_ids")
     x = keras.layers.Embedding(vocabulary_size, width, name="token_embedding")(tokens)
-    x = x + PositionEmbedding(max_length, name="position_embedding")(x)
+    x = x + PositionEmbedding(sequence_length, name="position_embedding")(x)
     for i in range(layers):
         h = keras.layers.LayerNormalization(epsilon=1e-5, name=f"norm_{i}")(x)
         if kind == "softmax":

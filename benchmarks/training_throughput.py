@@ -71,7 +71,7 @@ def build(impl: str, n: int, shapes: dict) -> keras.Model:
         return hub_lm(impl == "hub_linear", n, shapes)
     return kla.build_causal_lm(
         shapes["vocabulary_size"],
-        max_length=n,
+        sequence_length=n,
         hidden_dim=shapes["hidden_dim"],
         num_layers=shapes["num_layers"],
         num_heads=shapes["num_heads"],

@@ -61,7 +61,7 @@ def train(args, train_ds, test_ds, attention: str):
     model = build_sequence_classifier(
         10,
         feature_dim=args.patch_size**2,
-        max_length=(28 // args.patch_size) ** 2,
+        sequence_length=(28 // args.patch_size) ** 2,
         hidden_dim=args.hidden_dim,
         num_layers=args.num_layers,
         num_heads=4,

@@ -71,7 +71,7 @@ def build(args, attention: str, feature_map=None) -> keras.Model:
     return kla.build_sequence_classifier(
         10,
         feature_dim=49,
-        max_length=16,
+        sequence_length=16,
         hidden_dim=args.hidden_dim,
         num_layers=args.num_layers,
         num_heads=4,

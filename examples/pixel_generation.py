@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
     start = time.time()
     make = lambda attention: build_causal_lm(
         3,
-        max_length=PIXELS + 1,
+        sequence_length=PIXELS + 1,
         hidden_dim=args.hidden_dim,
         num_layers=args.num_layers,
         num_heads=4,

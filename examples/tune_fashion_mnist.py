@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
         ]
     }
     tuner = kt.RandomSearch(
-        ClassifierHyperModel(10, feature_dim=PATCH * PATCH, max_length=(28 // PATCH) ** 2),
+        ClassifierHyperModel(10, feature_dim=PATCH * PATCH, sequence_length=(28 // PATCH) ** 2),
         objective="val_accuracy",
         max_trials=args.trials,
         seed=0,

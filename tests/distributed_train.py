@@ -84,7 +84,7 @@ def main(kind: str, out_path: str) -> None:
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = kla.build_causal_lm(
-            VOCAB, max_length=LENGTH, hidden_dim=16, num_layers=1, num_heads=2
+            VOCAB, sequence_length=LENGTH, hidden_dim=16, num_layers=1, num_heads=2
         )
         model.compile(
             keras.optimizers.SGD(0.5),

@@ -26,7 +26,7 @@ BATCH, LENGTH, VOCAB, EPOCHS = 8, 16, 16, 4
 def train(distribution) -> dict:
     keras.distribution.set_distribution(distribution)
     keras.utils.set_random_seed(0)
-    model = kla.build_causal_lm(VOCAB, max_length=LENGTH, hidden_dim=16, num_heads=2)
+    model = kla.build_causal_lm(VOCAB, sequence_length=LENGTH, hidden_dim=16, num_heads=2)
     model.compile(
         keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )

@@ -136,7 +136,9 @@ def test_recurrence_ops_forward_and_gradients_match(rng, delta, n, chunk):
 @pytest.mark.parametrize("recurrence", ["retention", "gated_delta"])
 def test_recurrence_lm_generates_as_it_recomputes(recurrence):
     keras.utils.set_random_seed(2)
-    model = kla.build_causal_lm(19, max_length=32, hidden_dim=16, num_heads=2, attention=recurrence)
+    model = kla.build_causal_lm(
+        19, sequence_length=32, hidden_dim=16, num_heads=2, attention=recurrence
+    )
     prompts = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
     np.testing.assert_array_equal(
         generate(model, prompts, 6), _greedy_by_recomputing(model, prompts, 6)
@@ -155,7 +157,7 @@ def _greedy_by_recomputing(model, prompts, steps):
 @pytest.fixture
 def lm():
     keras.utils.set_random_seed(1)
-    return kla.build_causal_lm(19, max_length=32, hidden_dim=16, num_heads=2, num_layers=2)
+    return kla.build_causal_lm(19, sequence_length=32, hidden_dim=16, num_heads=2, num_layers=2)
 
 
 def test_fit_trains_and_save_load_round_trips(lm, tmp_path):

@@ -13,7 +13,11 @@ from keras_linear_attention.datasets import fashion_mnist, pipelines
 
 def _classifier(patch):
     return build_sequence_classifier(
-        10, feature_dim=patch * patch, max_length=(28 // patch) ** 2, hidden_dim=32, dropout=0.0
+        10,
+        feature_dim=patch * patch,
+        sequence_length=(28 // patch) ** 2,
+        hidden_dim=32,
+        dropout=0.0,
     )
 
 
@@ -86,7 +90,7 @@ def test_hypermodel_searches_and_reloads_under_mock_data(tmp_path):
         ds = tfds.load("fashion_mnist", split="train", as_supervised=True)
     data = pipelines.patch_classification(ds, 7, 16, training=False)
     tuner = kt.RandomSearch(
-        ClassifierHyperModel(10, feature_dim=49, max_length=16),
+        ClassifierHyperModel(10, feature_dim=49, sequence_length=16),
         objective="val_accuracy",
         max_trials=3,
         seed=1,

@@ -148,13 +148,13 @@ def test_feature_map_instance_takes_the_policy_of_its_layer(policy):
     [
         (
             lambda dtype: build_causal_lm(
-                19, max_length=16, hidden_dim=16, num_heads=2, dtype=dtype
+                19, sequence_length=16, hidden_dim=16, num_heads=2, dtype=dtype
             ),
             np.arange(20).reshape(2, 10) % 19,
         ),
         (
             lambda dtype: build_sequence_classifier(
-                3, feature_dim=DIM, max_length=16, hidden_dim=16, num_heads=2, dtype=dtype
+                3, feature_dim=DIM, sequence_length=16, hidden_dim=16, num_heads=2, dtype=dtype
             ),
             np.linspace(-1, 1, 2 * 10 * DIM, dtype="float32").reshape(2, 10, DIM),
         ),

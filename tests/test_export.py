@@ -39,13 +39,13 @@ np.savez(out_path, **out)
 @pytest.fixture(scope="module")
 def classifier():
     keras.utils.set_random_seed(3)
-    return build_sequence_classifier(5, feature_dim=6, max_length=64, hidden_dim=16)
+    return build_sequence_classifier(5, feature_dim=6, sequence_length=64, hidden_dim=16)
 
 
 @pytest.fixture(scope="module")
 def lm():
     keras.utils.set_random_seed(4)
-    return build_causal_lm(31, max_length=512, hidden_dim=16, num_heads=2)
+    return build_causal_lm(31, sequence_length=512, hidden_dim=16, num_heads=2)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def _step_with_index(lm_export, index):
 @pytest.mark.parametrize("index", [-1, 512])
 def test_saved_model_step_refuses_an_index_outside_the_positions(lm_export, index):
     """-1 used to wrap to the last position; 512 failed inside a Gather."""
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"`start_index`.*max_length=512"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"`start_index`.*sequence_length=512"):
         _step_with_index(lm_export, index)
 
 
@@ -236,7 +236,9 @@ def test_recurrence_lm_exports_and_steps_on_litert(tmp_path, recurrence):
     TFLite `step` (builtins only), fed token by token, matches Keras; the
     TFLite `serve` too, except for the delta rule, whose skip says why."""
     keras.utils.set_random_seed(5)
-    model = build_causal_lm(31, max_length=64, hidden_dim=16, num_heads=2, attention=recurrence)
+    model = build_causal_lm(
+        31, sequence_length=64, hidden_dim=16, num_heads=2, attention=recurrence
+    )
     x = parity.sample_inputs(model, length=12)
     summary = export_bundle(model, str(tmp_path), quantizations=("float32", "int8"), sample=x)
     assert summary["saved_model"]["signatures"] == ["serve", "prefill", "step"]

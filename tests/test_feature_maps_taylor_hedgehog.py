@@ -379,7 +379,7 @@ def test_bad_inputs_are_named():
 def lm(request):
     keras.utils.set_random_seed(5)
     model = build_causal_lm(
-        13, max_length=16, hidden_dim=8, num_heads=2, num_layers=1, feature_map=request.param
+        13, sequence_length=16, hidden_dim=8, num_heads=2, num_layers=1, feature_map=request.param
     )
     if request.param == "hedgehog":  # away from the identity
         fm = model.get_layer("decoder_0").self_attention.feature_map

@@ -13,7 +13,7 @@ from keras_linear_attention.layers import PositionEmbedding, SinusoidalPositionE
 @pytest.fixture(scope="module")
 def lm():
     keras.utils.set_random_seed(1)
-    return build_causal_lm(23, max_length=64, hidden_dim=16, num_heads=2, num_layers=2)
+    return build_causal_lm(23, sequence_length=64, hidden_dim=16, num_heads=2, num_layers=2)
 
 
 def _greedy_by_recomputation(model, prompts, steps):
@@ -27,7 +27,7 @@ def _greedy_by_recomputation(model, prompts, steps):
 @pytest.mark.parametrize("position", ["learned", "sinusoidal"])
 def test_greedy_generation_equals_parallel_recomputation(position):
     keras.utils.set_random_seed(2)
-    model = build_causal_lm(23, max_length=64, hidden_dim=16, num_heads=2, position=position)
+    model = build_causal_lm(23, sequence_length=64, hidden_dim=16, num_heads=2, position=position)
     prompts = [[1, 2, 3, 4], [5, 6, 7, 8]]
     expected = _greedy_by_recomputation(model, prompts, 20)
     np.testing.assert_array_equal(generate(model, prompts, 20), expected)
@@ -78,7 +78,7 @@ def test_stop_token_pads_finished_sequences(lm):
     [
         ([[1.5, 2.0]], {}, "integer token ids"),
         ([[]], {}, "prompt_length>0"),
-        ([[1, 2]], {"max_new_tokens": 63}, "max_length=64"),
+        ([[1, 2]], {"max_new_tokens": 63}, "sequence_length=64"),
         ([[1, 2]], {"temperature": -1.0}, "temperature"),
         ([[1, 2]], {"temperature": float("nan")}, "`temperature` must be a finite number"),
         ([[1, 2]], {"max_new_tokens": 2.0}, "`max_new_tokens` must be an integer"),
@@ -99,7 +99,7 @@ def test_generate_checks_its_arguments(lm, prompts, kwargs, match):
 
 
 def test_softmax_lm_cannot_run_as_rnn():
-    model = build_causal_lm(9, max_length=8, hidden_dim=8, num_heads=2, attention="softmax")
+    model = build_causal_lm(9, sequence_length=8, hidden_dim=8, num_heads=2, attention="softmax")
     with pytest.raises(ValueError, match="cannot run as an RNN"):
         RecurrentLM(model)
 
@@ -133,7 +133,7 @@ def test_step_traces_once_whatever_the_index(lm):
 @pytest.mark.parametrize("position", ["learned", "none"])
 @pytest.mark.parametrize("index", [-1, 64])
 def test_step_refuses_an_index_outside_the_positions(position, index):
-    model = build_causal_lm(23, max_length=64, hidden_dim=16, num_heads=2, position=position)
+    model = build_causal_lm(23, sequence_length=64, hidden_dim=16, num_heads=2, position=position)
     runner = RecurrentLM(model)
     _, states = runner.prefill([[1, 2, 3]])
     if position == "none" and index == 64:
@@ -167,5 +167,5 @@ def test_position_embedding_refuses_a_tensor_start_outside_the_table(kind, start
         return
     error = ValueError if mode == "eager" else tf.errors.InvalidArgumentError
     limit = "16" if kind == "learned" else "inf"
-    with pytest.raises(error, match=rf"`start_index`.*\[0, {limit}\) \(max_length="):
+    with pytest.raises(error, match=rf"`start_index`.*\[0, {limit}\) \(sequence_length="):
         fn(tf.constant(start))

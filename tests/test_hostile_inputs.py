@@ -254,7 +254,7 @@ def test_state_of_another_batch_in_the_recurrent_lm_graph(lm):
 @pytest.fixture(scope="module")
 def lm():
     keras.utils.set_random_seed(0)
-    return kla.build_causal_lm(11, max_length=16, hidden_dim=8, num_layers=2, num_heads=2)
+    return kla.build_causal_lm(11, sequence_length=16, hidden_dim=8, num_layers=2, num_heads=2)
 
 
 @pytest.mark.parametrize(

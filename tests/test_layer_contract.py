@@ -91,7 +91,7 @@ def test_short_convolution(tmp_path):
 def test_position_embedding(tmp_path):
     run_layer_test(
         kla.PositionEmbedding,
-        {"max_length": 16},
+        {"sequence_length": 16},
         SEQ,
         SEQ,
         expected_num_trainable_weights=1,

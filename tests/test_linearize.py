@@ -68,7 +68,7 @@ def _names(model):
 def _lm(attention="softmax", **kwargs):
     keras.utils.set_random_seed(0)
     return kla.build_causal_lm(
-        40, max_length=16, hidden_dim=8, num_heads=2, attention=attention, **kwargs
+        40, sequence_length=16, hidden_dim=8, num_heads=2, attention=attention, **kwargs
     )
 
 
@@ -116,7 +116,7 @@ def test_equals_the_same_model_built_linear_with_the_softmax_weights(rng, attent
         x = rng.integers(0, 40, size=(2, 11))
     else:
         build = lambda kind: kla.build_sequence_classifier(
-            3, vocabulary_size=20, max_length=12, hidden_dim=8, num_heads=2, attention=kind
+            3, vocabulary_size=20, sequence_length=12, hidden_dim=8, num_heads=2, attention=kind
         )
         x = np.concatenate([rng.integers(1, 20, (2, 8)), np.zeros((2, 4), int)], axis=1)
     softmax, native = build("softmax"), build("linear")
@@ -366,7 +366,7 @@ def test_transfer_on_a_padded_classifier(rng, jit_compile):
     """Non-causal encoder blocks, padding from the embedding's mask, XLA or not."""
     keras.utils.set_random_seed(0)
     softmax = kla.build_sequence_classifier(
-        3, vocabulary_size=20, max_length=12, hidden_dim=8, num_heads=2, attention="softmax"
+        3, vocabulary_size=20, sequence_length=12, hidden_dim=8, num_heads=2, attention="softmax"
     )
     linear = kla.linearize(softmax)
     tokens = np.concatenate([rng.integers(1, 20, (4, 8)), np.zeros((4, 4), int)], axis=1)

@@ -9,7 +9,7 @@ from keras_linear_attention import build_causal_lm, build_sequence_classifier
 
 
 def test_classifier_ignores_padding_tokens(rng):
-    model = build_sequence_classifier(3, vocabulary_size=20, max_length=16, dropout=0.0)
+    model = build_sequence_classifier(3, vocabulary_size=20, sequence_length=16, dropout=0.0)
     tokens = rng.integers(1, 20, size=(2, 9))
     padded = np.concatenate([tokens, np.zeros((2, 5), int)], axis=1)
     assert_close("classifier padding", model(padded), model(tokens), 1e-5, 1e-5)
@@ -19,7 +19,7 @@ def test_classifier_ignores_padding_tokens(rng):
 @pytest.mark.parametrize("attention", ["linear", "softmax"])
 def test_classifier_fits_saves_and_loads(tmp_path, rng, position, attention):
     model = build_sequence_classifier(
-        4, feature_dim=6, max_length=12, position=position, attention=attention, hidden_dim=16
+        4, feature_dim=6, sequence_length=12, position=position, attention=attention, hidden_dim=16
     )
     x, y = rng.normal(size=(32, 12, 6)).astype("float32"), rng.integers(0, 4, size=32)
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -31,7 +31,7 @@ def test_classifier_fits_saves_and_loads(tmp_path, rng, position, attention):
 
 def test_lm_fits_with_xla_and_mixed_precision(tmp_path, rng):
     keras.config.set_dtype_policy("mixed_bfloat16")
-    model = build_causal_lm(11, max_length=32, hidden_dim=16, num_heads=2)
+    model = build_causal_lm(11, sequence_length=32, hidden_dim=16, num_heads=2)
     tokens = rng.integers(0, 11, size=(8, 17))
     model.compile(
         "adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True
@@ -49,9 +49,9 @@ def test_lm_fits_with_xla_and_mixed_precision(tmp_path, rng):
     [
         ({"feature_dim": 4, "vocabulary_size": 9}, "exactly one"),
         ({}, "exactly one"),
-        ({"feature_dim": 4}, "max_length"),
+        ({"feature_dim": 4}, "sequence_length"),
         ({"feature_dim": 4, "position": "rope"}, "position"),
-        ({"feature_dim": 0, "max_length": 4}, "feature_dim"),
+        ({"feature_dim": 0, "sequence_length": 4}, "feature_dim"),
     ],
 )
 def test_classifier_arguments_are_checked(kwargs, match):
@@ -60,6 +60,6 @@ def test_classifier_arguments_are_checked(kwargs, match):
 
 
 def test_learned_positions_refuse_longer_inputs():
-    model = build_causal_lm(5, max_length=8, hidden_dim=8, num_heads=2)
-    with pytest.raises(ValueError, match="max_length"):
+    model = build_causal_lm(5, sequence_length=8, hidden_dim=8, num_heads=2)
+    with pytest.raises(ValueError, match="sequence_length"):
         model(np.zeros((1, 9), "int32"))

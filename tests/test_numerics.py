@@ -84,7 +84,7 @@ def test_mixed_float16_training_has_no_nan_loss():
     """A few hundred optimizer steps under mixed_float16 (loss scaling on)."""
     keras.config.set_dtype_policy("mixed_float16")
     keras.utils.set_random_seed(0)
-    model = kla.build_causal_lm(32, max_length=64, hidden_dim=32, num_layers=2, num_heads=2)
+    model = kla.build_causal_lm(32, sequence_length=64, hidden_dim=32, num_layers=2, num_heads=2)
     model.compile(
         keras.optimizers.Adam(3e-3),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),

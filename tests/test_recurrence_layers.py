@@ -237,7 +237,7 @@ def test_short_convolution_skips_padding_and_carries_its_window(rng):
 def test_lm_with_convolution_fits_under_xla_and_generates(recurrence):
     keras.utils.set_random_seed(0)
     model = kla.build_causal_lm(
-        13, max_length=32, hidden_dim=16, num_heads=2, attention=recurrence, conv_size=4
+        13, sequence_length=32, hidden_dim=16, num_heads=2, attention=recurrence, conv_size=4
     )
     tokens = np.tile(np.arange(13), (16, 3))[:, :25] % 13
     model.compile(

@@ -36,7 +36,7 @@ def export_bundle(
 
     >>> import tempfile
     >>> from keras_linear_attention.models import build_sequence_classifier
-    >>> model = build_sequence_classifier(3, feature_dim=4, max_length=16)
+    >>> model = build_sequence_classifier(3, feature_dim=4, sequence_length=16)
     >>> summary = export_bundle(model, tempfile.mkdtemp(), ("float32",))
     >>> summary["saved_model"]["signatures"]
     ['serve']

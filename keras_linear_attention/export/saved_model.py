@@ -19,7 +19,7 @@ def export_saved_model(model: keras.Model, path: str, verbose: bool = False) -> 
 
     >>> import tempfile
     >>> from keras_linear_attention.models import build_sequence_classifier
-    >>> model = build_sequence_classifier(3, feature_dim=4, max_length=8)
+    >>> model = build_sequence_classifier(3, feature_dim=4, sequence_length=8)
     >>> export_saved_model(model, tempfile.mkdtemp())
     ['serve']
     """

@@ -25,7 +25,7 @@ def convert_to_tflite(
     >>> from keras_linear_attention.export import export_saved_model
     >>> from keras_linear_attention.models import build_sequence_classifier
     >>> path = tempfile.mkdtemp()
-    >>> export_saved_model(build_sequence_classifier(3, feature_dim=4, max_length=8), path)
+    >>> export_saved_model(build_sequence_classifier(3, feature_dim=4, sequence_length=8), path)
     ['serve']
     >>> flatbuffer = convert_to_tflite(path, "serve", "int8")
     >>> flatbuffer[4:8]  # the TFLite file identifier

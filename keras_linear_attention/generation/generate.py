@@ -81,12 +81,12 @@ def _check_args(runner: RecurrentLM, max_new_tokens, temperature, top_k, seed, s
         raise ValueError(f"`temperature` must be a finite number >= 0; received {temperature!r}.")
 
 
-def _check_length(prompts: np.ndarray, max_new_tokens: int, max_length: int | None) -> None:
+def _check_length(prompts: np.ndarray, max_new_tokens: int, sequence_length: int | None) -> None:
     total = prompts.shape[1] + max_new_tokens
-    if max_length is not None and total > max_length:
+    if sequence_length is not None and total > sequence_length:
         raise ValueError(
             f"prompt length + max_new_tokens = {total} exceeds the model's learned "
-            f"position table (max_length={max_length})."
+            f"position table (sequence_length={sequence_length})."
         )
 
 
@@ -125,7 +125,7 @@ def generate(
     Example:
 
     >>> from keras_linear_attention.models import build_causal_lm
-    >>> model = build_causal_lm(20, max_length=16, hidden_dim=8, num_heads=2)
+    >>> model = build_causal_lm(20, sequence_length=16, hidden_dim=8, num_heads=2)
     >>> generate(model, [[1, 2, 3]], max_new_tokens=4).shape
     (1, 7)
     """
@@ -133,7 +133,7 @@ def generate(
     prompts = np.asarray(prompts)
     _check_args(runner, max_new_tokens, temperature, top_k, seed, stop_token_id)
     _check_prompts(prompts, runner.vocabulary_size)
-    _check_length(prompts, max_new_tokens, runner.max_length)
+    _check_length(prompts, max_new_tokens, runner.sequence_length)
     tokens = [prompts.astype(np.int32)]
     if max_new_tokens == 0:
         return tokens[0]

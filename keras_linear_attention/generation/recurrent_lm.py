@@ -52,7 +52,7 @@ class RecurrentLM:
     Example:
 
     >>> from keras_linear_attention.models import build_causal_lm
-    >>> lm = RecurrentLM(build_causal_lm(20, max_length=16, hidden_dim=8, num_heads=2))
+    >>> lm = RecurrentLM(build_causal_lm(20, sequence_length=16, hidden_dim=8, num_heads=2))
     >>> logits, states = lm.prefill([[1, 2, 3]])
     >>> logits, states = lm.step([4], states, 3)
     >>> tuple(logits.shape)
@@ -83,8 +83,8 @@ class RecurrentLM:
                 )
 
     @property
-    def max_length(self) -> int | None:
-        return getattr(self.position_embedding, "max_length", None)
+    def sequence_length(self) -> int | None:
+        return getattr(self.position_embedding, "sequence_length", None)
 
     @property
     def vocabulary_size(self) -> int:
@@ -108,10 +108,10 @@ class RecurrentLM:
             raise ValueError(f"`index` must be a scalar; received shape {tuple(index.shape)}.")
         if not _checks.is_concrete(index):
             return
-        limit = self.max_length
+        limit = self.sequence_length
         if int(index) < 0 or (limit is not None and int(index) >= limit):
             raise ValueError(
-                f"`index` must lie in [0, {limit or 'inf'}) (max_length={limit}); "
+                f"`index` must lie in [0, {limit or 'inf'}) (sequence_length={limit}); "
                 f"received {int(index)}."
             )
 

@@ -21,31 +21,33 @@ def _positions(inputs, start_index):
     return ops.arange(length, dtype="int32") + ops.cast(start_index, "int32")
 
 
-def _range_validity(inputs, start_index, max_length: int | None) -> Any:
-    """Refuse positions `start_index + [0, T)` outside `[0, max_length)`.
+def _range_validity(inputs, start_index, sequence_length: int | None) -> Any:
+    """Refuse positions `start_index + [0, T)` outside `[0, sequence_length)`.
 
     A Python int with a known `T` is checked now; otherwise (a tensor index,
     as in `step`) at run time, since a bad index would otherwise wrap round
     (negative) or fail deep in a gather. Returns None or the 1.0/NaN validity multiplier
     of `_checks.assert_at_runtime` for the output (XLA drops the assertion).
     """
-    length, limit = inputs.shape[1], "inf" if max_length is None else max_length
-    if isinstance(start_index, numbers.Integral) and (length is not None or max_length is None):
+    length, limit = inputs.shape[1], "inf" if sequence_length is None else sequence_length
+    if isinstance(start_index, numbers.Integral) and (
+        length is not None or sequence_length is None
+    ):
         end = start_index + (length or 0)
-        if start_index < 0 or (max_length is not None and end > max_length):
+        if start_index < 0 or (sequence_length is not None and end > sequence_length):
             raise ValueError(
                 f"`start_index`={start_index} with sequence length {length}: positions "
-                f"must lie in [0, {limit}) (max_length={max_length})."
+                f"must lie in [0, {limit}) (sequence_length={sequence_length})."
             )
         return None
     start = ops.cast(start_index, "int32")
     ok = start >= 0
-    if max_length is not None:
-        ok = ops.logical_and(ok, start + ops.shape(inputs)[1] <= max_length)
+    if sequence_length is not None:
+        ok = ops.logical_and(ok, start + ops.shape(inputs)[1] <= sequence_length)
     return _checks.assert_at_runtime(
         ok,
         f"Position index out of range: `start_index` + [0, sequence length) must lie "
-        f"in [0, {limit}) (max_length={max_length}).",
+        f"in [0, {limit}) (sequence_length={sequence_length}).",
     )
 
 
@@ -59,44 +61,45 @@ class PositionEmbedding(keras.layers.Layer):
     """Learned absolute position embeddings, shaped like the inputs.
 
     Args:
-        max_length: Longest sequence (prompt plus generated tokens).
-        initializer: Initializer of the `(max_length, dim)` table.
+        sequence_length: Longest sequence (prompt plus generated tokens).
+        initializer: Initializer of the `(sequence_length, dim)` table.
 
     Call arguments:
         inputs: `(B, T, dim)` tensor; only its shape is used.
         start_index: Position of the first token (an int or scalar tensor);
             non-zero when stepping through a sequence one token at a time.
-            Positions outside `[0, max_length)` raise (NaN output under XLA).
+            Positions outside `[0, sequence_length)` raise (NaN output under XLA).
 
     Example:
 
     >>> x = keras.random.normal((2, 5, 8))
-    >>> (x + PositionEmbedding(max_length=16)(x)).shape
+    >>> (x + PositionEmbedding(sequence_length=16)(x)).shape
     TensorShape([2, 5, 8])
     """
 
-    def __init__(self, max_length: int, initializer="glorot_uniform", **kwargs):
+    def __init__(self, sequence_length: int, initializer="glorot_uniform", **kwargs):
         super().__init__(**kwargs)
-        _checks.check_positive_int("max_length", max_length)
-        self.max_length = max_length
+        _checks.check_positive_int("sequence_length", sequence_length)
+        self.sequence_length = sequence_length
         self.initializer = keras.initializers.get(initializer)
         self.supports_masking = True  # pass the token mask on to `Add`
 
     def build(self, inputs_shape):
         self.embeddings = self.add_weight(
             name="embeddings",
-            shape=(self.max_length, inputs_shape[-1]),
+            shape=(self.sequence_length, inputs_shape[-1]),
             initializer=self.initializer,
         )
 
     def call(self, inputs, start_index=0):
-        if inputs.shape[1] is not None and inputs.shape[1] > self.max_length:
+        if inputs.shape[1] is not None and inputs.shape[1] > self.sequence_length:
             raise ValueError(
-                f"Sequence length {inputs.shape[1]} exceeds `max_length`={self.max_length}."
+                f"Input length {inputs.shape[1]} exceeds "
+                f"`sequence_length`={self.sequence_length}."
             )
-        validity = _range_validity(inputs, start_index, self.max_length)
+        validity = _range_validity(inputs, start_index, self.sequence_length)
         # Clipped so that a bad index reaches the check, not a gather error.
-        positions = ops.clip(_positions(inputs, start_index), 0, self.max_length - 1)
+        positions = ops.clip(_positions(inputs, start_index), 0, self.sequence_length - 1)
         table = poison_on_failure(ops.take(self.embeddings, positions, axis=0), validity)
         return _broadcast(ops.cast(table, self.compute_dtype), inputs)
 
@@ -106,7 +109,7 @@ class PositionEmbedding(keras.layers.Layer):
     def get_config(self):
         return {
             **super().get_config(),
-            "max_length": self.max_length,
+            "sequence_length": self.sequence_length,
             "initializer": keras.initializers.serialize(self.initializer),
         }
 

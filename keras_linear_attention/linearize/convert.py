@@ -126,7 +126,7 @@ def linearize(
 
     >>> import keras_linear_attention as kla
     >>> softmax = kla.build_causal_lm(
-    ...     64, max_length=16, hidden_dim=16, num_heads=2, attention="softmax")
+    ...     64, sequence_length=16, hidden_dim=16, num_heads=2, attention="softmax")
     >>> linear = kla.linearize(softmax, feature_map="elu")
     >>> type(linear.get_layer("decoder_0").self_attention).__name__
     'CausalLinearAttention'

@@ -75,7 +75,7 @@ def attention_transfer(
 
     >>> import keras_linear_attention as kla
     >>> softmax = kla.build_causal_lm(
-    ...     32, max_length=8, hidden_dim=8, num_heads=2, num_layers=1, attention="softmax")
+    ...     32, sequence_length=8, hidden_dim=8, num_heads=2, num_layers=1, attention="softmax")
     >>> linear = kla.linearize(softmax)  # trainable Hedgehog feature maps
     >>> tokens = np.arange(32, dtype="int32").reshape(4, 8)
     >>> history = kla.attention_transfer(softmax, linear, [tokens], steps=2, verbose=0)

@@ -18,13 +18,13 @@ def check_sizes(**sizes) -> None:
         _checks.check_positive_int(name, value, allow_none=True)
 
 
-def position_layer(position: str, max_length: int | None, dtype=None):
+def position_layer(position: str, sequence_length: int | None, dtype=None):
     if position not in POSITIONS:
         raise ValueError(f"`position` must be one of {POSITIONS}; received {position!r}.")
     if position == "learned":
-        if max_length is None:
-            raise ValueError("`position='learned'` needs `max_length`.")
-        return PositionEmbedding(max_length, name="position_embedding", dtype=dtype)
+        if sequence_length is None:
+            raise ValueError("`position='learned'` needs `sequence_length`.")
+        return PositionEmbedding(sequence_length, name="position_embedding", dtype=dtype)
     if position == "sinusoidal":
         return SinusoidalPositionEmbedding(name="position_embedding", dtype=dtype)
     return None

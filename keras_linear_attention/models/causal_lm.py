@@ -11,7 +11,7 @@ from keras_linear_attention.models import _embedding
 def build_causal_lm(
     vocabulary_size: int,
     *,
-    max_length: int | None = None,
+    sequence_length: int | None = None,
     hidden_dim: int = 128,
     num_layers: int = 2,
     num_heads: int = 4,
@@ -35,7 +35,7 @@ def build_causal_lm(
 
     Args:
         vocabulary_size: Number of token ids.
-        max_length: Longest sequence; needed by `position="learned"`.
+        sequence_length: Longest sequence; needed by `position="learned"`.
         hidden_dim: Model width.
         num_layers: Number of decoder blocks.
         num_heads: Attention heads per block.
@@ -55,7 +55,7 @@ def build_causal_lm(
 
     Example:
 
-    >>> model = build_causal_lm(50, max_length=32, hidden_dim=16, num_heads=2)
+    >>> model = build_causal_lm(50, sequence_length=32, hidden_dim=16, num_heads=2)
     >>> model(keras.ops.zeros((2, 7), "int32")).shape
     TensorShape([2, 7, 50])
     """
@@ -63,9 +63,9 @@ def build_causal_lm(
         vocabulary_size=vocabulary_size,
         hidden_dim=hidden_dim,
         num_layers=num_layers,
-        max_length=max_length,
+        sequence_length=sequence_length,
     )
-    positions = _embedding.position_layer(position, max_length, dtype)
+    positions = _embedding.position_layer(position, sequence_length, dtype)
     inputs = keras.Input((None,), dtype="int32", name="token_ids")
     x = _embedding.token_embedding(vocabulary_size, hidden_dim, position, dtype=dtype)(inputs)
     x = _embedding.embed(x, positions, dtype)

@@ -13,7 +13,7 @@ def build_sequence_classifier(
     *,
     feature_dim: int | None = None,
     vocabulary_size: int | None = None,
-    max_length: int | None = None,
+    sequence_length: int | None = None,
     hidden_dim: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
@@ -37,7 +37,7 @@ def build_sequence_classifier(
         num_classes: Number of output classes.
         feature_dim: Size of float input vectors (exclusive with `vocabulary_size`).
         vocabulary_size: Token vocabulary size, id 0 reserved for padding.
-        max_length: Longest sequence; needed by `position="learned"`.
+        sequence_length: Longest sequence; needed by `position="learned"`.
         hidden_dim: Model width.
         num_layers: Number of encoder blocks.
         num_heads: Attention heads per block.
@@ -54,7 +54,7 @@ def build_sequence_classifier(
 
     Example:
 
-    >>> model = build_sequence_classifier(10, feature_dim=16, max_length=49)
+    >>> model = build_sequence_classifier(10, feature_dim=16, sequence_length=49)
     >>> model(keras.random.normal((2, 49, 16))).shape
     TensorShape([2, 10])
     """
@@ -64,11 +64,11 @@ def build_sequence_classifier(
         num_layers=num_layers,
         feature_dim=feature_dim,
         vocabulary_size=vocabulary_size,
-        max_length=max_length,
+        sequence_length=sequence_length,
     )
     if (feature_dim is None) == (vocabulary_size is None):
         raise ValueError("Pass exactly one of `feature_dim` or `vocabulary_size`.")
-    positions = _embedding.position_layer(position, max_length, dtype)
+    positions = _embedding.position_layer(position, sequence_length, dtype)
     if vocabulary_size is not None:
         inputs = keras.Input((None,), dtype="int32", name="token_ids")
         embedding = _embedding.token_embedding(

@@ -18,13 +18,13 @@ class ClassifierHyperModel(kt.HyperModel):
     Args:
         num_classes: Number of classes.
         feature_dim: Size of the float input vectors.
-        max_length: Sequence length (learned position table).
+        sequence_length: Sequence length (learned position table).
         jit_compile: Passed to `compile`.
 
     Example:
 
     >>> import tempfile
-    >>> hypermodel = ClassifierHyperModel(10, feature_dim=49, max_length=16)
+    >>> hypermodel = ClassifierHyperModel(10, feature_dim=49, sequence_length=16)
     >>> hypermodel.build(kt.HyperParameters()).output_shape  # the first choices
     (None, 10)
     >>> tuner = kt.RandomSearch(
@@ -34,18 +34,18 @@ class ClassifierHyperModel(kt.HyperModel):
     ['feature_map', 'hidden_dim', 'learning_rate', 'num_heads', 'num_layers']
     """
 
-    def __init__(self, num_classes: int, feature_dim: int, max_length: int, jit_compile=False):
+    def __init__(self, num_classes: int, feature_dim: int, sequence_length: int, jit_compile=False):
         super().__init__(name="linear_attention_classifier")
         self.num_classes = num_classes
         self.feature_dim = feature_dim
-        self.max_length = max_length
+        self.sequence_length = sequence_length
         self.jit_compile = jit_compile
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         model = build_sequence_classifier(
             self.num_classes,
             feature_dim=self.feature_dim,
-            max_length=self.max_length,
+            sequence_length=self.sequence_length,
             feature_map=hp.Choice("feature_map", ["elu", "relu", "favor"]),
             num_heads=hp.Choice("num_heads", [2, 4, 8]),
             num_layers=hp.Int("num_layers", 1, 3),
