@@ -269,3 +269,72 @@ def hub_block_reference(block, x, **attention_kwargs):
             else _layer_norm(norm, x + sublayer(x))
         )
     return x
+
+
+# Rotary position embeddings (RoFormer eq. 19): the numerator rotated, the
+# normaliser not. Complex numbers, float64, TF ops (differentiable).
+
+
+def rotary_rotate(x, start=0, max_wavelength=10000.0):
+    """`(x_m + i x_{m+F/2}) · exp(i p θ_m)`, p = start + t, θ_m = λ^(−2m/F),
+    back to `[real, imag]`: x (B, T, H, F)."""
+    x = tf.cast(x, tf.float64)
+    half = x.shape[-1] // 2
+    theta = max_wavelength ** (-2.0 * np.arange(half) / x.shape[-1])
+    angle = (start + np.arange(x.shape[1]))[:, None] * theta  # (T, F/2)
+    z = tf.complex(x[..., :half], x[..., half:]) * np.exp(1j * angle)[None, :, None, :]
+    return tf.concat([tf.math.real(z), tf.math.imag(z)], -1)
+
+
+def rotary_attention(
+    phi_q,
+    phi_k,
+    v,
+    key_mask=None,
+    causal=False,
+    initial_state=None,
+    start=0,
+    max_wavelength=10000.0,
+    eps=EPS,
+):
+    """Explicit T×S rotary linear attention, queries and keys both from
+    `start`; `initial_state` `(kv, k_sum)` as if earlier keys were summed.
+    Returns `(out, (kv, k_sum))`, kv of rotated keys, k_sum of plain ones."""
+    phi_q, phi_k, v = (tf.cast(t, tf.float64) for t in (phi_q, phi_k, v))
+    if key_mask is not None:
+        keep = tf.cast(key_mask, tf.float64)[:, :, None, None]
+        phi_k, v = phi_k * keep, v * keep
+    rq, rk = (rotary_rotate(x, start, max_wavelength) for x in (phi_q, phi_k))
+    scores = tf.einsum("bthd,bshd->bhts", rq, rk)
+    kernel = tf.einsum("bthd,bshd->bhts", phi_q, phi_k)
+    if causal:
+        tril = np.tril(np.ones(scores.shape[-2:]))
+        scores, kernel = scores * tril, kernel * tril
+    numerator = tf.einsum("bhts,bshm->bthm", scores, v)
+    denominator = tf.transpose(tf.reduce_sum(kernel, -1), (0, 2, 1))[..., None]
+    kv, k_sum = tf.einsum("bshd,bshm->bhdm", rk, v), tf.reduce_sum(phi_k, 1)
+    if initial_state is not None:
+        kv0, k_sum0 = (tf.cast(s, tf.float64) for s in initial_state)
+        numerator += tf.einsum("bthd,bhdm->bthm", rq, kv0)
+        denominator += tf.einsum("bthd,bhd->bth", phi_q, k_sum0)[..., None]
+        kv, k_sum = kv + kv0, k_sum + k_sum0
+    return numerator / (denominator + eps), (kv, k_sum)
+
+
+def rotary_layer_reference(w, query, value, max_wavelength, phi=elu_plus_one, **kwargs):
+    """`layer_reference` with rotary attention (`kwargs` to `rotary_attention`)."""
+    query, value = tf.cast(query, tf.float64), tf.cast(value, tf.float64)
+
+    def proj(x, name):
+        return tf.einsum("btd,dhk->bthk", x, w[f"{name}/kernel"]) + w[f"{name}/bias"]
+
+    out, _ = rotary_attention(
+        phi(proj(query, "query")),
+        phi(proj(value, "key")),
+        proj(value, "value"),
+        max_wavelength=max_wavelength,
+        **kwargs,
+    )
+    return (
+        tf.einsum("bthk,hkd->btd", out, w["attention_output/kernel"]) + w["attention_output/bias"]
+    )

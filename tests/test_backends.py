@@ -133,12 +133,14 @@ def test_recurrence_ops_forward_and_gradients_match(rng, delta, n, chunk):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("recurrence", ["retention", "gated_delta"])
-def test_recurrence_lm_generates_as_it_recomputes(recurrence):
+@pytest.mark.parametrize(
+    "kind",
+    [{"attention": "retention"}, {"attention": "gated_delta"}, {"position": "rotary"}],
+    ids=["retention", "gated_delta", "rotary"],
+)
+def test_lm_generates_as_it_recomputes(kind):
     keras.utils.set_random_seed(2)
-    model = kla.build_causal_lm(
-        19, sequence_length=32, hidden_dim=16, num_heads=2, attention=recurrence
-    )
+    model = kla.build_causal_lm(19, sequence_length=32, hidden_dim=16, num_heads=2, **kind)
     prompts = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
     np.testing.assert_array_equal(
         generate(model, prompts, 6), _greedy_by_recomputing(model, prompts, 6)

@@ -230,6 +230,20 @@ def test_command_line_export(tmp_path, classifier):
     ]
 
 
+def test_rotary_lm_exports_and_steps_on_litert(tmp_path):
+    """Rotary embeddings: the step signature takes the position; SavedModel
+    and TFLite (builtins only) match Keras."""
+    keras.utils.set_random_seed(5)
+    model = build_causal_lm(31, hidden_dim=16, num_heads=2, position="rotary")
+    x = parity.sample_inputs(model, length=12)
+    summary = export_bundle(model, str(tmp_path), quantizations=("float32",), sample=x)
+    assert max(summary["saved_model"]["max_abs_error"].values()) < 1e-5
+    assert sorted(summary["tflite"]) == ["serve.float32", "step.float32"]
+    for name, info in summary["tflite"].items():
+        assert info["max_abs_error"] < TOLERANCE["float32"], (name, info)
+        assert not any(op.startswith("Flex") or op == "CUSTOM" for op in info["ops"])
+
+
 @pytest.mark.parametrize("recurrence", ["retention", "gated", "delta", "gated_delta"])
 def test_recurrence_lm_exports_and_steps_on_litert(tmp_path, recurrence):
     """Each recurrence's LM: SavedModel serve/prefill/step match Keras; the

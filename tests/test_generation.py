@@ -24,7 +24,7 @@ def _greedy_by_recomputation(model, prompts, steps):
     return seq
 
 
-@pytest.mark.parametrize("position", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("position", ["learned", "sinusoidal", "rotary"])
 def test_greedy_generation_equals_parallel_recomputation(position):
     keras.utils.set_random_seed(2)
     model = build_causal_lm(23, sequence_length=64, hidden_dim=16, num_heads=2, position=position)

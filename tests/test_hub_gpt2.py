@@ -156,3 +156,29 @@ def test_text_in_text_out_with_the_byte_preprocessor(tmp_path):
     inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     saved_model = tf.saved_model.load(str(tmp_path / "saved_model"))  # keep: owns variables
     assert_close("gpt2 saved model", saved_model.serve(inputs), lm(inputs), 1e-5, 1e-6)
+
+
+def test_export_serve_prefill_step_and_tflite_step(lm, tmp_path):
+    """`hub.export_causal_lm`: every signature against Keras, and `step`
+    converted to TFLite (builtins only) against Keras."""
+    from keras_linear_attention.export import convert_to_tflite, parity
+    from keras_linear_attention.hub import export_causal_lm
+
+    path = str(tmp_path / "sm")
+    assert export_causal_lm(lm, path) == ["serve", "prefill", "step"]
+    ids = np.asarray([PROMPTS[0], PROMPTS[2][:5]], "int32")
+    mask = np.ones_like(ids, bool)
+    expected = np.asarray(lm({"token_ids": ids, "padding_mask": mask}))
+    sigs = tf.saved_model.load(path).signatures
+    assert_close("hub serve", sigs["serve"](token_ids=ids, padding_mask=mask)["logits"],
+                 expected, 1e-5, 1e-5)  # fmt: skip
+    states = sigs["prefill"](token_ids=ids[:, :-1])
+    assert_close("hub prefill", states.pop("logits"), expected[:, -2], 1e-5, 1e-5)
+    assert sorted(states) == ["k_sum_0", "k_sum_1", "kv_0", "kv_1"]
+    states = {k: v.numpy() for k, v in states.items()}
+    index = np.asarray(ids.shape[1] - 1, np.int32)
+    step = sigs["step"](token=ids[:, -1], index=index, **states)["logits"]
+    assert_close("hub prefill+step", step, expected[:, -1], 1e-5, 1e-5)
+    runner = parity.tflite_runner(convert_to_tflite(path, "step")).get_signature_runner("step")
+    lite = runner(token=ids[:, -1], index=index, **states)["logits"]
+    assert_close("hub tflite step", lite, expected[:, -1], 1e-4, 1e-4)

@@ -6,6 +6,7 @@ import pytest
 from conftest import assert_close
 
 from keras_linear_attention import build_causal_lm, build_sequence_classifier
+from keras_linear_attention.models.causal_lm import CausalLMParts
 
 
 def test_classifier_ignores_padding_tokens(rng):
@@ -15,8 +16,11 @@ def test_classifier_ignores_padding_tokens(rng):
     assert_close("classifier padding", model(padded), model(tokens), 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("position", ["learned", "sinusoidal", "none"])
-@pytest.mark.parametrize("attention", ["linear", "softmax"])
+@pytest.mark.parametrize(
+    ("position", "attention"),
+    [(p, a) for p in ("learned", "sinusoidal", "none") for a in ("linear", "softmax")]
+    + [("rotary", "linear")],
+)
 def test_classifier_fits_saves_and_loads(tmp_path, rng, position, attention):
     model = build_sequence_classifier(
         4, feature_dim=6, sequence_length=12, position=position, attention=attention, hidden_dim=16
@@ -57,6 +61,18 @@ def test_lm_fits_with_xla_and_mixed_precision(tmp_path, rng):
 def test_classifier_arguments_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         build_sequence_classifier(3, **kwargs)
+
+
+@pytest.mark.parametrize("attention", ["softmax", "delta"])
+def test_rotary_positions_need_linear_attention(attention):
+    with pytest.raises(ValueError, match="position='rotary'.*attention='linear'"):
+        build_causal_lm(11, hidden_dim=8, num_heads=2, position="rotary", attention=attention)
+
+
+def test_causal_lm_parts_name_what_a_model_lacks():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="lm_head")])
+    with pytest.raises(ValueError, match="not a `build_causal_lm` model.*token_embedding"):
+        CausalLMParts.of(model)
 
 
 def test_learned_positions_refuse_longer_inputs():

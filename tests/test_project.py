@@ -156,6 +156,17 @@ def test_linearize_char_lm_example_smoke():
     assert report["deploy"]["tflite_step_max_abs_error"] < 1e-3
 
 
+@pytest.mark.skipif(shutil.which("bible") is None, reason="Debian package bible-kjv not installed")
+def test_hub_text_generation_example_smoke(tmp_path):
+    pytest.importorskip("keras_hub")
+    argv = ["--quick", "--steps", "3", "--verbose", "0", "--data-dir", str(tmp_path / "data")]
+    report = _run_example("hub_text_generation", argv + ["--out", str(tmp_path / "lm")])
+    assert report["generated"].startswith("In the beginning")
+    assert 0 < report["held_out_bits_per_byte"] < 8.5
+    assert report["export"]["signatures"] == ["serve", "prefill", "step"]
+    assert max(report["export"]["max_abs_error"].values()) < 1e-4
+
+
 @needs_debian_data
 def test_linearize_fashion_mnist_example_smoke(fashion_mnist_dir):
     report = _run_example(

@@ -37,6 +37,10 @@ class LinearTransformerDecoder(transformer_block.TransformerBlock):
             callable. A layer instance is used, weights and all, by the
             self-attention; the cross-attention gets a fresh φ from its config.
         kernel_initializer, bias_initializer: For every dense sublayer.
+        rotary_max_wavelength: Rotary position embeddings in the
+            self-attention (RoFormer's form for linear attention, see
+            `LinearMultiHeadAttention`), with this max wavelength (e.g.
+            10000.0); None: none. `attention="linear"` only.
         conv_size: Short convolution on q, k, v for the recurrences other
             than "linear" (see `CausalLinearAttention`).
 
@@ -48,6 +52,9 @@ class LinearTransformerDecoder(transformer_block.TransformerBlock):
         encoder_padding_mask: Optional `(B, S)` mask of `encoder_outputs`.
         initial_state: Optional self-attention state from a previous call.
         return_state: Also return the self-attention state.
+        start_index: Position of the first token of `inputs` in its
+            sequence (int or scalar tensor; rotary embeddings need it when
+            continuing from `initial_state`).
         training: Enables dropout.
 
     Example:
@@ -74,6 +81,7 @@ class LinearTransformerDecoder(transformer_block.TransformerBlock):
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         conv_size: int | None = None,
+        rotary_max_wavelength: float | None = None,
         **kwargs,
     ):
         super().__init__(
@@ -88,6 +96,7 @@ class LinearTransformerDecoder(transformer_block.TransformerBlock):
             feature_map,
             kernel_initializer,
             bias_initializer,
+            rotary_max_wavelength=rotary_max_wavelength,
             **kwargs,
         )
         self._cross_attention = None
@@ -128,6 +137,7 @@ class LinearTransformerDecoder(transformer_block.TransformerBlock):
         initial_state=None,
         return_state=False,
         training=None,
+        start_index=0,
     ):
         self._check_call(encoder_outputs, initial_state, return_state)
         if padding_mask is None:
@@ -147,6 +157,7 @@ class LinearTransformerDecoder(transformer_block.TransformerBlock):
                     initial_state=initial_state,
                     return_state=True,
                     training=training,
+                    start_index=start_index,
                 )
             return self._dropout_layer(out, training=training)
 
@@ -185,6 +196,11 @@ class LinearTransformerDecoder(transformer_block.TransformerBlock):
         return {**super().get_config(), "conv_size": self.conv_size}
 
     @property
+    def has_cross_attention(self) -> bool:
+        """Whether the block was built with `encoder_outputs`."""
+        return self._cross_attention is not None
+
+    @property
     def self_attention(self) -> keras.layers.Layer:
         """The causal self-attention sublayer (built with the block)."""
         return self._self_attention
@@ -202,6 +218,7 @@ class LinearTransformerDecoder(transformer_block.TransformerBlock):
         initial_state=None,
         return_state=False,
         training=None,
+        start_index=0,
     ):
         out = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
         if not return_state:

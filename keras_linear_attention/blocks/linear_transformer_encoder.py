@@ -31,6 +31,10 @@ class LinearTransformerEncoder(transformer_block.TransformerBlock):
         feature_map: φ for linear attention (see `feature_maps.get`); a layer
             instance is used as is, weights and all, by the self-attention.
         kernel_initializer, bias_initializer: For every dense sublayer.
+        rotary_max_wavelength: Rotary position embeddings in the
+            self-attention (RoFormer's form for linear attention, see
+            `LinearMultiHeadAttention`), with this max wavelength (e.g.
+            10000.0); None: none. `attention="linear"` only.
 
     Call arguments:
         inputs: `(B, N, dim)` float tensor.
@@ -59,6 +63,7 @@ class LinearTransformerEncoder(transformer_block.TransformerBlock):
         feature_map="elu",
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
+        rotary_max_wavelength: float | None = None,
         **kwargs,
     ):
         if attention in transformer_block.RECURRENCES:
@@ -78,6 +83,7 @@ class LinearTransformerEncoder(transformer_block.TransformerBlock):
             feature_map,
             kernel_initializer,
             bias_initializer,
+            rotary_max_wavelength=rotary_max_wavelength,
             **kwargs,
         )
         self.causal = causal

@@ -128,10 +128,17 @@ class TransformerBlock(keras.layers.Layer):
         feature_map,
         kernel_initializer,
         bias_initializer,
+        rotary_max_wavelength=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         check_block_args(num_heads, intermediate_dim, dropout, attention)
+        if rotary_max_wavelength is not None and attention != "linear":
+            raise ValueError(
+                "`rotary_max_wavelength` (rotary position embeddings) needs "
+                f"attention='linear'; received attention={attention!r}."
+            )
+        self.rotary_max_wavelength = rotary_max_wavelength
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
         self.key_dim = key_dim
@@ -170,11 +177,14 @@ class TransformerBlock(keras.layers.Layer):
 
     def _attention(self, name, causal_state, key_dim, own_feature_map=True, kind=None, **extra):
         """An attention sublayer; the self-attention uses the φ instance the
-        block was given, any other one (cross-attention) a fresh φ from its
-        config, as one φ cannot serve two attention layers (`fm_lib.adopt`)."""
+        block was given (and the rotary embeddings), any other one
+        (cross-attention) a fresh φ from its config, as one φ cannot serve
+        two attention layers (`fm_lib.adopt`)."""
         feature_map = self._given_feature_map.value
         if not own_feature_map:
             feature_map = fm_lib.get(self.feature_map)
+        elif self.rotary_max_wavelength is not None:
+            extra["rotary_max_wavelength"] = self.rotary_max_wavelength
         return attention_layer(
             kind or self.attention,
             causal_state=causal_state,
@@ -214,4 +224,5 @@ class TransformerBlock(keras.layers.Layer):
             "feature_map": self.feature_map,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            "rotary_max_wavelength": self.rotary_max_wavelength,
         }

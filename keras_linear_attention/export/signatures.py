@@ -63,10 +63,10 @@ def endpoints(model: keras.Model) -> dict:
     index = tf.TensorSpec((), tf.int32, name="index")
 
     def prefill(tokens):
-        return _with_states(runner, *runner._prefill(tokens))
+        return _with_states(runner, *runner.prefill_graph(tokens))
 
     def step(tok, idx, *states):
-        return _with_states(runner, *runner._step(tok, states, idx))
+        return _with_states(runner, *runner.step_graph(tok, states, idx))
 
     result["prefill"] = (prefill, [token_ids])
     result["step"] = (step, [token, index, *state_specs(runner)])

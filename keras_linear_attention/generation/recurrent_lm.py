@@ -8,7 +8,7 @@ import keras
 from keras import ops
 
 from keras_linear_attention import _checks
-from keras_linear_attention.blocks.linear_transformer_decoder import LinearTransformerDecoder
+from keras_linear_attention.models.causal_lm import CausalLMParts, causal_lm_forward
 
 
 def _compiled(fn, jit_compile: bool):
@@ -30,15 +30,11 @@ def _int32(name: str, x: Any) -> Any:
     return ops.cast(x, "int32")
 
 
-def _optional_layer(model: keras.Model, name: str):
-    try:
-        return model.get_layer(name)
-    except ValueError:
-        return None
-
-
 class RecurrentLM:
     """Runs a model from `build_causal_lm` as an RNN over its decoder states.
+
+    It runs the model's own layers through `causal_lm_forward`, the function
+    that built the model, with states: there is no second copy of the stack.
 
     `prefill(tokens)` runs the prompt with the parallel (chunked) algorithm and
     returns the last position's logits and every block's `(kv, k_sum)` state;
@@ -61,22 +57,20 @@ class RecurrentLM:
 
     def __init__(self, model: keras.Model, jit_compile: bool = True):
         self.model = model
-        self.token_embedding = model.get_layer("token_embedding")
-        self.position_embedding = _optional_layer(model, "position_embedding")
-        self.final_norm = model.get_layer("final_norm")
-        self.head = model.get_layer("lm_head")
-        self.decoders = [x for x in model.layers if isinstance(x, LinearTransformerDecoder)]
+        self.parts = CausalLMParts.of(model)
         self._check_decoders()
         # Called with tensors only (see `prefill`/`step`): a Python int index
         # would retrace, and under XLA recompile, for every position.
-        self._prefill_fn = _compiled(self._prefill, jit_compile)
-        self._step_fn = _compiled(self._step, jit_compile)
+        self._prefill_fn = _compiled(self.prefill_graph, jit_compile)
+        self._step_fn = _compiled(self.step_graph, jit_compile)
+
+    @property
+    def decoders(self) -> tuple:
+        return self.parts.decoders
 
     def _check_decoders(self) -> None:
-        if not self.decoders:
-            raise ValueError("The model has no `LinearTransformerDecoder` blocks.")
         for block in self.decoders:
-            if block.attention == "softmax" or block._cross_attention is not None:
+            if block.attention == "softmax" or block.has_cross_attention:
                 raise ValueError(
                     f"Block {block.name!r} cannot run as an RNN: recurrent generation "
                     "needs a linear attention (not 'softmax') and no cross-attention."
@@ -84,12 +78,12 @@ class RecurrentLM:
 
     @property
     def sequence_length(self) -> int | None:
-        return getattr(self.position_embedding, "sequence_length", None)
+        return getattr(self.parts.position_embedding, "sequence_length", None)
 
     @property
     def vocabulary_size(self) -> int:
         """Token ids must lie in `[0, vocabulary_size)`."""
-        return self.token_embedding.input_dim
+        return self.parts.token_embedding.input_dim
 
     def prefill(self, tokens) -> tuple:
         """Last-position logits `(B, V)` and the states after the `(B, P)` `tokens`."""
@@ -137,24 +131,16 @@ class RecurrentLM:
                 f"`states` must hold {len(names)} tensors ({', '.join(names)}); "
                 f"received {len(states)}."
             )
-        x = self.token_embedding(tokens)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(x, start_index=start_index)
-        new_states, start = [], 0
-        for block in self.decoders:
-            count = len(block.self_attention.state_names)
-            x, state = block(
-                x, initial_state=tuple(states[start : start + count]), return_state=True
-            )
-            new_states += list(state)
-            start += count
-        return self.head(self.final_norm(x)), tuple(new_states)
+        return causal_lm_forward(self.parts, tokens, tuple(states), start_index, training=False)
 
-    def _prefill(self, tokens):
+    def prefill_graph(self, tokens) -> tuple:
+        """`prefill` without conversion, checks or compilation: for tracing
+        into other graphs (the exported `prefill` signature)."""
         states = self.get_initial_state(ops.shape(tokens)[0])
         logits, states = self.run(tokens, states, 0)
         return logits[:, -1], states
 
-    def _step(self, token, states, index):
+    def step_graph(self, token, states, index) -> tuple:
+        """`step` without conversion, checks or compilation (see `prefill_graph`)."""
         logits, states = self.run(token[:, None], states, index)
         return logits[:, 0], states

@@ -10,6 +10,7 @@ Importing this module imports keras-hub; the core package never does.
 """
 
 from keras_linear_attention.hub.attention import LinearCachedMultiHeadAttention
+from keras_linear_attention.hub.export import export_causal_lm
 from keras_linear_attention.hub.gpt2 import (
     ByteLevelTokenizer,
     LinearGPT2Backbone,
@@ -26,4 +27,5 @@ __all__ = [
     "LinearGPT2CausalLMPreprocessor",
     "TransformerDecoder",
     "TransformerEncoder",
+    "export_causal_lm",
 ]

@@ -23,9 +23,11 @@ class LinearCachedMultiHeadAttention(LinearMultiHeadAttention):
     tokens before `query` (`get_initial_state(batch)` for none), attends
     causally over it and the new tokens, and returns `(out, new_state)`:
     prefill and one-token steps cost the same whatever the context length.
-    `cache_update_index` is not needed (the state has no slots) and is
-    ignored. A cross-attention layer (`value` is not `query`) recomputes its
-    attention from `value` and returns `cache` unchanged.
+    `cache_update_index` is not needed as a slot (the state has none): it
+    is only the position of `query`'s first token, which rotary position
+    embeddings (`rotary_max_wavelength`) need. A cross-attention layer
+    (`value` is not `query`) recomputes its attention from `value` and
+    returns `cache` unchanged.
 
     Example:
 
@@ -68,9 +70,9 @@ class LinearCachedMultiHeadAttention(LinearMultiHeadAttention):
                 query, value, key=key, attention_mask=attention_mask, training=training
             )
             return out, cache
-        return self._step(query, attention_mask, cache, training)
+        return self._step(query, attention_mask, cache, cache_update_index, training)
 
-    def _step(self, x, attention_mask, state, training):
+    def _step(self, x, attention_mask, state, start_index, training):
         """Causal self-attention over `state` and then `x`."""
         plan = _masks.plan(x, x, self._num_heads, attention_mask=attention_mask, causal=True)
         out, _, state = self._compute_attention(
@@ -82,5 +84,6 @@ class LinearCachedMultiHeadAttention(LinearMultiHeadAttention):
             training=training,
             initial_state=tuple(state),
             return_state=True,
+            start_index=0 if start_index is None else start_index,
         )
         return poison_on_failure(out, plan.validity), state

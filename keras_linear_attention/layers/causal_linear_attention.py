@@ -53,6 +53,10 @@ class CausalLinearAttention(LinearMultiHeadAttention):
             `query_conv`, `key_conv`, `value_conv`; see `ShortConvolution`),
             for the recurrences other than `"linear"`. Its windows, the last
             K − 1 projected tokens, join the state.
+        rotary_max_wavelength: As in `LinearMultiHeadAttention` (rotary
+            position embeddings); with `recurrence="linear"` only. A call
+            that continues a sequence from `initial_state` then needs
+            `start_index`.
 
     Call arguments:
         inputs: `(B, N, dim)` float tensor.
@@ -64,6 +68,10 @@ class CausalLinearAttention(LinearMultiHeadAttention):
             float32 (D' is the feature-map dimension).
         return_state: Also return the final state.
         training: Enables dropout and random-feature redraws.
+        start_index: Absolute position of the first token of `inputs` (an
+            int or a scalar tensor; default 0): with `rotary_max_wavelength`
+            and an `initial_state`, the number of tokens that state holds.
+            Ignored without rotary embeddings.
 
     Example:
 
@@ -96,6 +104,11 @@ class CausalLinearAttention(LinearMultiHeadAttention):
             raise ValueError(
                 f"`feature_map` applies to recurrence='linear' only; recurrence="
                 f"{recurrence!r} L2-normalises q and k. Leave feature_map at its default."
+            )
+        if recurrence != "linear" and self._rotary_max_wavelength is not None:
+            raise ValueError(
+                "`rotary_max_wavelength` applies to recurrence='linear' only (whose state "
+                f"has a normaliser to keep unrotated); received recurrence={recurrence!r}."
             )
         self.recurrence = recurrence
         self.output_norm = recurrence != "linear" if output_norm is None else bool(output_norm)
@@ -142,6 +155,7 @@ class CausalLinearAttention(LinearMultiHeadAttention):
         initial_state=None,
         return_state=False,
         training=None,
+        start_index=0,
     ):
         self._check_inputs(inputs, inputs, inputs)
         if len(inputs.shape) != 3:
@@ -168,6 +182,7 @@ class CausalLinearAttention(LinearMultiHeadAttention):
             training=training,
             initial_state=initial_state,
             return_state=return_state,
+            start_index=start_index,
         )
         if keras_mask is not None:
             set_keras_mask(out, keras_mask)
@@ -248,7 +263,13 @@ class CausalLinearAttention(LinearMultiHeadAttention):
         return super().compute_output_shape(inputs_shape, inputs_shape)
 
     def compute_output_spec(
-        self, inputs, padding_mask=None, initial_state=None, return_state=False, training=None
+        self,
+        inputs,
+        padding_mask=None,
+        initial_state=None,
+        return_state=False,
+        training=None,
+        start_index=0,
     ):
         out = keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype=self.compute_dtype)
         if not return_state:

@@ -20,6 +20,13 @@ from keras_linear_attention.ops import (
 )
 from keras_linear_attention.ops._common import accumulation_dtype, poison_on_failure
 from keras_linear_attention.ops.causal import causal_attention_of_projections
+from keras_linear_attention.ops.rotary import (
+    check_even_features,
+    check_max_wavelength,
+    rotary_attention_scores,
+    rotary_causal_linear_attention,
+    rotary_linear_attention,
+)
 from keras_linear_attention.ops.scores import check_threshold
 
 PACKAGE = "keras_linear_attention"
@@ -65,6 +72,14 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
             (`ops.causal`/`ops.noncausal.DEFAULT_SHORT_SEQUENCE_THRESHOLD`);
             0: never. A length known only at run time is compared at run
             time.
+        rotary_max_wavelength: None (default): no position information,
+            as in the paper. A positive float: rotary position embeddings
+            (RoPE, RoFormer's linear-attention form, eq. 19) with this
+            max wavelength (10000.0 is common): φ(q) and φ(k) are rotated
+            in the numerator only, the normaliser keeps the unrotated
+            kernel, and the state keeps its shapes (`kv` sums rotated
+            keys). Needs an even feature-map dimension; the explicit T×S
+            path (`short_sequence_threshold`) is not used with it.
 
     Call arguments:
         query: `(B, T, dim)` (or `(B, *positions, dim)`).
@@ -132,11 +147,14 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         eps: float = DEFAULT_EPS,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         short_sequence_threshold: int | None = None,
+        rotary_max_wavelength: float | None = None,
         **kwargs,
     ):
         _refuse_softmax_options(sliding_window, flash_attention)
         _check_numeric_args(dropout, eps, chunk_size)
         check_threshold(short_sequence_threshold)
+        if rotary_max_wavelength is not None:
+            check_max_wavelength(rotary_max_wavelength, "rotary_max_wavelength")
         # Keras's flash-attention bookkeeping does not apply; hand it
         # dropout=0 so a global `enable_flash_attention()` cannot object.
         super().__init__(
@@ -157,6 +175,9 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         self._short_sequence_threshold = (
             None if short_sequence_threshold is None else int(short_sequence_threshold)
         )
+        self._rotary_max_wavelength = (
+            None if rotary_max_wavelength is None else float(rotary_max_wavelength)
+        )
         # One attention layer per φ instance: shared, it would not reload.
         self._feature_map = fm_lib.adopt(fm_lib.get(feature_map), self)
         # φ runs inside this layer, in its dtype policy (as its other sublayers).
@@ -174,6 +195,7 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
             eps=self._eps,
             chunk_size=self._chunk_size,
             short_sequence_threshold=self._short_sequence_threshold,
+            rotary_max_wavelength=self._rotary_max_wavelength,
         )
         return config
 
@@ -198,6 +220,9 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         super().build(query_shape, value_shape, key_shape)
         if not self._feature_map.built:
             self._feature_map.build((None, None, self._num_heads, self._key_dim))
+        if self._rotary_max_wavelength is not None:
+            feat = fm_lib.output_dim(self._feature_map, self._key_dim)
+            check_even_features(feat, "the feature map's output", "rotary_max_wavelength")
 
     def _build_attention(self, rank):
         all_axes = tuple(range(1, rank - 2))
@@ -274,6 +299,7 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         initial_state=None,
         return_state=False,
         rows=False,
+        start_index=0,
     ):
         """Project, apply φ, run the linear-attention math, project back.
 
@@ -284,6 +310,8 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         softmax path gives it, the plain average of all S values; with
         `rows=False` (callers outside Keras's mask semantics, e.g. the
         recurrent `CausalLinearAttention`) it gets 0, as the state does.
+        `start_index` is the absolute position of the first query and key
+        (with rotary embeddings and an `initial_state`; else unused).
         Returns `(out, scores, state)`; scores and state are None unless
         asked for.
         """
@@ -300,14 +328,23 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
         plan = _masks.Plan(key_padding, None if rows is False else rows, causal, None)
 
         def causal_path():
-            if query is key or query is value:  # self-attention: T == S
-                return self._causal_attention(q, k, v, key_padding, initial_state, return_state)
-            kc, vc, keys = _masks.align_causal_keys(k, v, key_padding, t)
-            return self._causal_attention(q, kc, vc, keys, initial_state, return_state)
+            kc, vc, keys = k, v, key_padding
+            if not (query is key or query is value):  # cross-attention: any T, S
+                kc, vc, keys = _masks.align_causal_keys(k, v, key_padding, t)
+            return self._causal_attention(q, kc, vc, keys, initial_state, return_state, start_index)
 
         def global_path():
             phi_q = fm_lib.apply(self._feature_map, q, "query")
             phi_k = fm_lib.apply(self._feature_map, k, "key")
+            if self._rotary_max_wavelength is not None:
+                return rotary_linear_attention(
+                    phi_q,
+                    phi_k,
+                    v,
+                    key_mask=key_padding,
+                    eps=self._eps,
+                    max_wavelength=self._rotary_max_wavelength,
+                )
             return linear_attention(
                 phi_q,
                 phi_k,
@@ -342,9 +379,7 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
                 fm_lib.apply(self._feature_map, q, "query"),
                 fm_lib.apply(self._feature_map, k, "key"),
             )
-            score = lambda c: kernel_attention_scores(
-                *phi, key_mask=key_padding, causal=c, eps=self._eps
-            )
+            score = lambda c: self._scores(*phi, key_padding, c)
             if isinstance(causal, bool):
                 scores = score(causal)
             else:
@@ -358,7 +393,34 @@ class LinearMultiHeadAttention(keras.layers.MultiHeadAttention):
             )
         return out, scores, state
 
-    def _causal_attention(self, q, k, v, key_padding, initial_state, return_state):
+    def _scores(self, phi_q, phi_k, key_padding, causal):
+        if self._rotary_max_wavelength is None:
+            return kernel_attention_scores(
+                phi_q, phi_k, key_mask=key_padding, causal=causal, eps=self._eps
+            )
+        return rotary_attention_scores(
+            phi_q,
+            phi_k,
+            key_mask=key_padding,
+            causal=causal,
+            eps=self._eps,
+            max_wavelength=self._rotary_max_wavelength,
+        )
+
+    def _causal_attention(self, q, k, v, key_padding, initial_state, return_state, start_index):
+        if self._rotary_max_wavelength is not None:
+            return rotary_causal_linear_attention(
+                fm_lib.apply(self._feature_map, q, "query"),
+                fm_lib.apply(self._feature_map, k, "key"),
+                v,
+                start_index=start_index,
+                key_mask=key_padding,
+                initial_state=initial_state,
+                return_state=return_state,
+                eps=self._eps,
+                chunk_size=self._chunk_size,
+                max_wavelength=self._rotary_max_wavelength,
+            )
         kwargs = dict(
             key_mask=key_padding,
             initial_state=initial_state,

@@ -94,8 +94,7 @@ class PositionEmbedding(keras.layers.Layer):
     def call(self, inputs, start_index=0):
         if inputs.shape[1] is not None and inputs.shape[1] > self.sequence_length:
             raise ValueError(
-                f"Input length {inputs.shape[1]} exceeds "
-                f"`sequence_length`={self.sequence_length}."
+                f"Input length {inputs.shape[1]} exceeds `sequence_length`={self.sequence_length}."
             )
         validity = _range_validity(inputs, start_index, self.sequence_length)
         # Clipped so that a bad index reaches the check, not a gather error.

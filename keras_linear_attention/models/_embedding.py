@@ -10,7 +10,9 @@ from keras_linear_attention.layers.position_embedding import (
     SinusoidalPositionEmbedding,
 )
 
-POSITIONS = ("learned", "sinusoidal", "none")
+POSITIONS = ("learned", "sinusoidal", "rotary", "none")
+# keras-hub's (and RoFormer's) default.
+ROTARY_MAX_WAVELENGTH = 10000.0
 
 
 def check_sizes(**sizes) -> None:
@@ -27,7 +29,18 @@ def position_layer(position: str, sequence_length: int | None, dtype=None):
         return PositionEmbedding(sequence_length, name="position_embedding", dtype=dtype)
     if position == "sinusoidal":
         return SinusoidalPositionEmbedding(name="position_embedding", dtype=dtype)
-    return None
+    return None  # "none", or "rotary": inside the attention
+
+
+def rotary_max_wavelength(position: str, attention: str) -> float | None:
+    """The blocks' `rotary_max_wavelength` for `position`."""
+    if position != "rotary":
+        return None
+    if attention != "linear":
+        raise ValueError(
+            f"`position='rotary'` needs attention='linear'; received attention={attention!r}."
+        )
+    return ROTARY_MAX_WAVELENGTH
 
 
 def token_embedding(
@@ -46,7 +59,7 @@ def token_embedding(
     )
 
 
-def embed(x, position_embedding, dtype=None):
+def embed(x, position_embedding, dtype=None):  # for the sequence classifier
     """`x + positions(x)`, keeping the Keras mask of `x`."""
     if position_embedding is None:
         return x

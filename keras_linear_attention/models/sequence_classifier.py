@@ -45,7 +45,9 @@ def build_sequence_classifier(
         dropout: Dropout rate in the blocks.
         feature_map: φ of linear attention.
         attention: `"linear"` or `"softmax"` (same model with Keras MHA).
-        position: `"learned"`, `"sinusoidal"` or `"none"`.
+        position: `"learned"`, `"sinusoidal"`, `"rotary"` (rotary embeddings
+            inside each linear attention, RoFormer's form; no length limit)
+            or `"none"`.
         normalize_first: Pre-norm blocks.
         dtype: Dtype policy of every layer but the `logits` head, e.g.
             `"mixed_bfloat16"`; default: the global policy. The logits are
@@ -69,6 +71,7 @@ def build_sequence_classifier(
     if (feature_dim is None) == (vocabulary_size is None):
         raise ValueError("Pass exactly one of `feature_dim` or `vocabulary_size`.")
     positions = _embedding.position_layer(position, sequence_length, dtype)
+    rotary_max_wavelength = _embedding.rotary_max_wavelength(position, attention)
     if vocabulary_size is not None:
         inputs = keras.Input((None,), dtype="int32", name="token_ids")
         embedding = _embedding.token_embedding(
@@ -88,6 +91,7 @@ def build_sequence_classifier(
             attention=attention,
             feature_map=feature_map,
             normalize_first=normalize_first,
+            rotary_max_wavelength=rotary_max_wavelength,
             name=f"encoder_{i}",
             dtype=dtype,
         )(x)

@@ -17,6 +17,13 @@ from keras_linear_attention.ops.recurrent import (
     recurrent_linear_attention,
     zero_state,
 )
+from keras_linear_attention.ops.rotary import (
+    rotary_attention_scores,
+    rotary_causal_linear_attention,
+    rotary_linear_attention,
+    rotary_linear_attention_step,
+    rotate,
+)
 from keras_linear_attention.ops.scores import kernel_attention_scores
 
 __all__ = [
@@ -31,5 +38,10 @@ __all__ = [
     "linear_attention",
     "linear_attention_step",
     "recurrent_linear_attention",
+    "rotary_attention_scores",
+    "rotary_causal_linear_attention",
+    "rotary_linear_attention",
+    "rotary_linear_attention_step",
+    "rotate",
     "zero_state",
 ]
