@@ -254,13 +254,13 @@ def test_recurrence_lm_exports_and_steps_on_litert(tmp_path, recurrence):
         31, sequence_length=64, hidden_dim=16, num_heads=2, attention=recurrence
     )
     x = parity.sample_inputs(model, length=12)
-    summary = export_bundle(model, str(tmp_path), quantizations=("float32", "int8"), sample=x)
+    # int8 once (its conversion is the slow part); the float32 files for all.
+    quantizations = ("float32", "int8") if recurrence == "gated_delta" else ("float32",)
+    summary = export_bundle(model, str(tmp_path), quantizations=quantizations, sample=x)
     assert summary["saved_model"]["signatures"] == ["serve", "prefill", "step"]
     assert max(summary["saved_model"]["max_abs_error"].values()) < 1e-5
     keys = ["step"] if "delta" in recurrence else ["serve", "step"]
-    assert sorted(summary["tflite"]) == sorted(
-        f"{k}.{q}" for k in keys for q in ("float32", "int8")
-    )
+    assert sorted(summary["tflite"]) == sorted(f"{k}.{q}" for k in keys for q in quantizations)
     for name, info in summary["tflite"].items():
         assert info["max_abs_error"] < TOLERANCE[name.split(".")[1]], (name, info)
         assert not any(op.startswith("Flex") or op == "CUSTOM" for op in info["ops"])
