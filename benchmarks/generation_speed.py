@@ -12,7 +12,10 @@ Same process, same model size (`--hidden-dim`, `--num-layers`, 4 heads, vocab
 - softmax, no cache: one full forward pass over `context + 1` tokens per token
   (up to `--max-no-cache`).
 
-Also records the process RSS before and after `--memory-steps` linear steps.
+Also records the process RSS before and after `--memory-steps` linear steps,
+and the throughput of each decoder, `batch / step time` in tokens/s (every
+sequence of the batch gets one token per step): run it at `--batch 1` and
+`--batch 32` for the two ends of serving.
 
     python benchmarks/generation_speed.py [--contexts 256 1024 4096 16384] [--json out.json]
 """
@@ -159,11 +162,18 @@ def main(argv=None) -> list[dict]:
             row["softmax_no_cache_ms"] = 1000 * median_seconds(
                 lambda t=tokens: full(t), max(3, args.repeats // 5)
             )
+        # Throughput: every sequence of the batch gets one token per step.
+        for kind in ("linear", "softmax_cache"):
+            row[f"{kind}_tokens_per_s"] = 1000 * args.batch / row[f"{kind}_ms"]
         rows.append(row)
-        ratios = {k: row[k] / row["linear_ms"] for k in row if k.startswith("softmax")}
+        ratios = {
+            k: row[k] / row["linear_ms"] for k in row if k.endswith("_ms") and k != "linear_ms"
+        }
         print(
             f"context {context:>6}: linear {row['linear_ms']:.2f} ms/token; "
-            + ", ".join(f"{k} {row[k]:.1f} ms ({r:.1f}x)" for k, r in ratios.items()),
+            + ", ".join(f"{k} {row[k]:.1f} ms ({r:.1f}x)" for k, r in ratios.items())
+            + f"; {row['linear_tokens_per_s']:.0f} vs {row['softmax_cache_tokens_per_s']:.0f} "
+            "tokens/s (linear vs cached softmax)",
             flush=True,
         )
     before = _rss_mb()

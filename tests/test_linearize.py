@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import assert_close, assert_transfer_left_alone, frozen_weights, weight_values
-from reference import elu_plus_one, hedgehog, layer_reference
+from reference import EPS, elu_plus_one, hedgehog, layer_reference
 
 import keras_linear_attention as kla
 from keras_linear_attention.linearize._common import attention_layers
@@ -349,6 +349,39 @@ def test_transfer_reduces_every_layers_loss_on_real_text():
     assert_transfer_left_alone(softmax, before, linear, frozen)
 
 
+def test_attention_weights_objective_is_hedgehogs_cross_entropy(rng):
+    """The first step's loss is −Σ_s a log â averaged over (batch, head,
+    query), `a` the softmax weights and `â` the float64 reference of the
+    linearized layer's normalised kernel weights; training lowers it."""
+    softmax = _attention_model(causal=True)
+    linear = kla.linearize(softmax)
+    x = _x(rng, 2, T, DIM)
+    _, target = softmax.get_layer("att")(x, x, use_causal_mask=True, return_attention_scores=True)
+    w = _projections(softmax.get_layer("att"))
+    q, k = (
+        _identity_hedgehog(tf.einsum("btc,chd->bthd", x, w[f"{n}/kernel"]) + w[f"{n}/bias"])
+        for n in ("query", "key")
+    )
+    kernel = tf.einsum("bthd,bshd->bhts", q, k) * np.tril(np.ones((T, T)))
+    weights = kernel / (tf.reduce_sum(kernel, -1, keepdims=True) + EPS)
+    cross = tf.math.xlogy(tf.cast(target, tf.float64), weights)  # 0 where a = 0
+    expected = -tf.reduce_mean(tf.reduce_sum(cross, -1))
+    history = kla.attention_transfer(
+        softmax, linear, [x], steps=30, objective="attention_weights", verbose=0
+    )
+    assert_close("attention-weights loss", history["loss"][0], expected, 1e-4, 1e-5)
+    assert history["loss"][-1] < 0.9 * history["loss"][0]
+
+
+def test_attention_weights_objective_needs_linear_recurrences():
+    softmax = _lm()
+    with pytest.raises(ValueError, match="objective='attention_weights'.*recurrence='linear'"):
+        kla.attention_transfer(
+            softmax, kla.linearize(softmax, recurrence="gated"), [np.zeros((2, 8), "int32")],
+            objective="attention_weights", verbose=0,
+        )  # fmt: skip
+
+
 def _trained_softmax_lm():
     """A small softmax char LM trained briefly on KJV text, so attention is peaked."""
     keras.utils.set_random_seed(0)
@@ -391,6 +424,7 @@ def _models():
         (dict(optimizer="adam"), TypeError, "`optimizer` must be a keras Optimizer"),
         (dict(verbose=3), ValueError, "`verbose` must be 0, 1 or 2"),
         (dict(jit_compile=None), TypeError, "`jit_compile`"),
+        (dict(objective="kl"), ValueError, "`objective` must be one of"),
         (dict(dataset=np.zeros((2, T, DIM), "float32")), TypeError, "must yield batches"),
         (dict(dataset=[]), ValueError, "yielded no batch"),
     ],

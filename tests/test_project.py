@@ -63,6 +63,8 @@ def test_generation_benchmark_smoke(tmp_path):
     rows = generation_speed.main(argv)
     assert [r["context"] for r in rows] == [16, 32]
     assert all(r["linear_ms"] > 0 and r["softmax_cache_ms"] > 0 for r in rows)
+    for r in rows:  # batch 2: two tokens per step
+        assert r["linear_tokens_per_s"] == pytest.approx(2000 / r["linear_ms"])
     assert (tmp_path / "g.png").exists()
 
 

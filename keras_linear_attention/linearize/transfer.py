@@ -2,12 +2,14 @@
 
 Teacher forcing, as in Hedgehog and LoLCATs: each step runs the softmax
 model once, recording every attention layer's call (its inputs, masks and
-output) by wrapping the layer's `call` for the duration of that forward
-pass; then each linear layer is called on the very inputs its softmax
-counterpart received, and the summed per-layer MSE between the two outputs
-trains only the weights softmax attention does not have (φ's, a
-recurrence's). Layers train independently of each other's errors, all in
-one pass, and nothing else in either model changes.
+output, and with `objective="attention_weights"` its attention weights) by
+wrapping the layer's `call` for the duration of that forward pass; then each
+linear layer is called on the very inputs its softmax counterpart received,
+and the summed per-layer loss trains only the weights softmax attention does
+not have (φ's, a recurrence's): the MSE between the two outputs (LoLCATs),
+or the cross-entropy between the two attention-weight matrices (Hedgehog).
+Layers train independently of each other's errors, all in one pass, and
+nothing else in either model changes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def attention_transfer(
     learning_rate: float = 3e-2,
     *,
     optimizer: keras.optimizers.Optimizer | None = None,
+    objective: str = "outputs",
     jit_compile: bool = False,
     verbose: int = 1,
 ) -> dict[str, list[float]]:
@@ -63,6 +66,12 @@ def attention_transfer(
         steps: Optimizer steps.
         learning_rate: For the default optimizer, Adam.
         optimizer: A Keras optimizer instead of Adam.
+        objective: `"outputs"` (default): the MSE between the two layers'
+            outputs. `"attention_weights"`: Hedgehog's loss, the
+            cross-entropy `−Σ_j a_ij log â_ij` of the linear layer's
+            normalised kernel weights `â` against the softmax weights `a`,
+            averaged over queries; it builds both `(B, H, T, S)` matrices, so
+            memory grows with T·S, and needs `recurrence="linear"`.
         jit_compile: Compile each step with XLA.
         verbose: 0 silent, 1 a progress bar with the running mean of the
             total and per-layer losses, 2 one line at the end.
@@ -84,6 +93,7 @@ def attention_transfer(
     """
     _check_args(steps, learning_rate, optimizer, jit_compile, verbose, dataset)
     pairs = _pairs(softmax_model, linear_model)
+    _check_objective(objective, pairs)
     variables = [w for _, _, linear in pairs for w in new_weights(linear) if w.trainable]
     if not variables:
         raise ValueError(
@@ -93,7 +103,7 @@ def attention_transfer(
         )
     optimizer = optimizer or keras.optimizers.Adam(learning_rate)
     optimizer.build(variables)
-    step = _step_function(softmax_model, pairs, variables, optimizer, jit_compile)
+    step = _step_function(softmax_model, pairs, variables, optimizer, objective, jit_compile)
     names = [path for path, _, _ in pairs]
     history: dict[str, list[float]] = {"loss": [], **{name: [] for name in names}}
     progbar = keras.utils.Progbar(steps, verbose=verbose, unit_name="step")
@@ -138,6 +148,21 @@ def _check_args(steps, learning_rate, optimizer, jit_compile, verbose, dataset) 
         )
 
 
+OBJECTIVES = ("outputs", "attention_weights")
+
+
+def _check_objective(objective: Any, pairs: list) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {OBJECTIVES}; received {objective!r}.")
+    if objective == "attention_weights":
+        other = [path for path, _, lin in pairs if getattr(lin, "recurrence", "linear") != "linear"]
+        if other:
+            raise ValueError(
+                "`objective='attention_weights'` needs recurrence='linear' (normalised kernel "
+                f"weights); layers {other} use another recurrence: use objective='outputs'."
+            )
+
+
 def _pairs(softmax_model, linear_model) -> list[tuple[str, Any, Any]]:
     """`(path, softmax layer, linear layer)` for each attention layer to transfer."""
     softmax, linear = attention_layers(softmax_model), attention_layers(linear_model)
@@ -160,17 +185,19 @@ def _pairs(softmax_model, linear_model) -> list[tuple[str, Any, Any]]:
     return pairs
 
 
-def _step_function(softmax_model, pairs, variables, optimizer, jit_compile):
+def _step_function(softmax_model, pairs, variables, optimizer, objective, jit_compile):
     import tensorflow as tf
 
     softmax_layers = [s for _, s, _ in pairs]
+    weights = objective == "attention_weights"
+    layer_loss = _weights_loss if weights else _layer_loss
 
     def step(x):
-        with _recording(softmax_layers) as calls:
+        with _recording(softmax_layers, weights) as calls:
             softmax_model(x, training=False)
         with tf.GradientTape() as tape:
             losses = [
-                _layer_loss(path, linear, recorded)
+                layer_loss(path, linear, recorded)
                 for (path, _, linear), recorded in zip(pairs, calls, strict=True)
             ]
             total = ops.sum(ops.stack(losses))
@@ -181,16 +208,22 @@ def _step_function(softmax_model, pairs, variables, optimizer, jit_compile):
 
 
 @contextlib.contextmanager
-def _recording(layers) -> Iterator[list[list[tuple]]]:
-    """Record each layer's `call` arguments and output while the block runs."""
+def _recording(layers, weights: bool = False) -> Iterator[list[list[tuple]]]:
+    """Record each layer's `call` arguments and output (with `weights`: its
+    attention weights instead) while the block runs."""
     calls: list[list[tuple]] = [[] for _ in layers]
     for layer, record in zip(layers, calls, strict=True):
         original = layer.call
 
         def call(*args, _original=original, _record=record, **kwargs):
-            out = _original(*args, **kwargs)
-            _record.append((args, kwargs, out))
-            return out
+            if not weights:
+                out = _original(*args, **kwargs)
+                _record.append((args, kwargs, out))
+                return out
+            asked = kwargs.pop("return_attention_scores", False)
+            out, scores = _original(*args, return_attention_scores=True, **kwargs)
+            _record.append((args, kwargs, scores))
+            return (out, scores) if asked else out
 
         layer.call = call  # an instance attribute, shadowing the method until deleted
     try:
@@ -201,11 +234,7 @@ def _recording(layers) -> Iterator[list[list[tuple]]]:
 
 
 def _layer_loss(path, linear, recorded):
-    if not recorded:
-        raise ValueError(
-            f"The softmax attention layer {path!r} did not run in softmax_model(x); "
-            "attention_transfer needs every converted layer on the path from the inputs."
-        )
+    _check_recorded(path, recorded)
     losses = []
     for args, kwargs, target in recorded:
         out = _call_linear(linear, args, kwargs)
@@ -213,6 +242,31 @@ def _layer_loss(path, linear, recorded):
         target = ops.stop_gradient(ops.cast(target, "float32"))
         losses.append(ops.mean(ops.square(ops.cast(out, "float32") - target)))
     return ops.mean(ops.stack(losses))
+
+
+def _weights_loss(path, linear, recorded):
+    """Hedgehog's loss: the cross-entropy of the linear layer's attention
+    weights against the recorded softmax weights, averaged over queries."""
+    _check_recorded(path, recorded)
+    losses = []
+    for args, kwargs, target in recorded:
+        call = MHA_CALL.bind(None, *args, **kwargs).arguments
+        call.pop("self", None)
+        call["return_attention_scores"] = True
+        # The recurrent layer's own call has no weights; the base class's does.
+        _, weights = LinearMultiHeadAttention.call(linear, **call)
+        target = ops.stop_gradient(ops.cast(target, "float32"))
+        log_weights = ops.log(ops.maximum(ops.cast(weights, "float32"), 1e-9))
+        losses.append(-ops.mean(ops.sum(target * log_weights, axis=-1)))
+    return ops.mean(ops.stack(losses))
+
+
+def _check_recorded(path, recorded) -> None:
+    if not recorded:
+        raise ValueError(
+            f"The softmax attention layer {path!r} did not run in softmax_model(x); "
+            "attention_transfer needs every converted layer on the path from the inputs."
+        )
 
 
 def _call_linear(linear, args, kwargs):
