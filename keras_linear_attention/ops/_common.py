@@ -19,6 +19,14 @@ def accumulation_dtype(*tensors: Any) -> str:
     return "float32"
 
 
+def check_step_inputs(*named: tuple) -> None:
+    """`(name, tensor)` pairs of a one-token step: float tensors of shape
+    `(batch, heads, dim)`."""
+    for name, x in named:
+        _checks.check_float(name, x)
+        _checks.check_rank(name, x, 3, "(batch, heads, dim)")
+
+
 def check_qkv(q: Any, k: Any, value: Any, names: tuple = ("phi_q", "phi_k", "value")) -> None:
     """Validate (B, T, H, D), (B, S, H, D), (B, S, H, M) inputs."""
     nq, nk, nv = names

@@ -134,9 +134,7 @@ def delta_rule_step(q: Any, k: Any, v: Any, beta: Any, log_gate: Any, state: Any
     `(H,)` or None, state `(B, H, D, M)` → `(o (B, H, M), new_state)`.
     """
     q, k, v = (ops.convert_to_tensor(t) for t in (q, k, v))
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_float(name, x)
-        _checks.check_rank(name, x, 3, "(batch, heads, dim)")
+    _common.check_step_inputs(("q", q), ("k", k), ("v", v))
     acc, out_dtype = _common.accumulation_dtype(q, k, v), v.dtype
     q, k, v = _common.cast_all(acc, q, k, v)
     dims = (ops.shape(k)[0], k.shape[1], k.shape[2], v.shape[2])

@@ -53,9 +53,7 @@ def linear_attention_step(
     TensorShape([2, 4, 16])
     """
     phi_q, phi_k, value = (ops.convert_to_tensor(t) for t in (phi_q, phi_k, value))
-    for name, x in (("phi_q", phi_q), ("phi_k", phi_k), ("value", value)):
-        _checks.check_float(name, x)
-        _checks.check_rank(name, x, 3, "(batch, heads, dim)")
+    _common.check_step_inputs(("phi_q", phi_q), ("phi_k", phi_k), ("value", value))
     out_dtype = value.dtype
     acc = _common.accumulation_dtype(phi_q, phi_k, value)
     phi_q, phi_k, value = _common.cast_all(acc, phi_q, phi_k, value)

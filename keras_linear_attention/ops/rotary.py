@@ -229,9 +229,7 @@ def rotary_linear_attention_step(
     TensorShape([2, 4, 3])
     """
     phi_q, phi_k, value = (ops.convert_to_tensor(t) for t in (phi_q, phi_k, value))
-    for name, x in (("phi_q", phi_q), ("phi_k", phi_k), ("value", value)):
-        _checks.check_float(name, x)
-        _checks.check_rank(name, x, 3, "(batch, heads, dim)")
+    _common.check_step_inputs(("phi_q", phi_q), ("phi_k", phi_k), ("value", value))
     check_max_wavelength(max_wavelength)
     check_even_features(phi_q.shape[-1], "phi_q")
     acc = _common.accumulation_dtype(phi_q, phi_k, value)
