@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import resource
+import subprocess
 import sys
 
 # The issue's layer: model dim 512, 8 heads of 64, batch 1, float32.
@@ -28,3 +29,17 @@ def main(run) -> None:
     config = json.loads(sys.argv[1])
     limit_memory(config.get("memory_limit_gib", 16))
     print("RESULT " + json.dumps(run(config)), flush=True)
+
+
+def run(cmd: list, cfg: dict, timeout: float) -> dict:
+    """Run a `main`-style script in a fresh process: its `RESULT` line, or
+    `cfg` with a status saying why there is none (its failure is a result)."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**cfg, "status": f"timeout (> {timeout:.0f} s)"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    reason = "killed (out of memory?)" if proc.returncode < 0 else "error"
+    return {**cfg, "status": f"{reason}: rc {proc.returncode}: {proc.stderr.strip()[-300:]}"}

@@ -16,11 +16,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import _process
 import figures
 import targets
 
@@ -109,16 +109,7 @@ def run_one(cfg: dict, timeout: float) -> dict:
     script = (
         "bench_fast_transformers.py" if cfg.get("impl") in BASELINE_IMPLS else "bench_config.py"
     )
-    cmd = [sys.executable, str(HERE / script), json.dumps(cfg)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**cfg, "status": f"timeout (> {timeout:.0f} s)"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    reason = "killed (out of memory?)" if proc.returncode < 0 else "error"
-    return {**cfg, "status": f"{reason}: rc {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+    return _process.run([sys.executable, str(HERE / script), json.dumps(cfg)], cfg, timeout)
 
 
 def _series(cfg: dict) -> tuple:

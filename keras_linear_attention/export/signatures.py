@@ -34,15 +34,32 @@ def state_names(runner: RecurrentLM) -> list[str]:
     return runner.state_names
 
 
-def state_specs(runner: RecurrentLM) -> list[tf.TensorSpec]:
-    specs = []
-    for name, template in zip(state_names(runner), runner.get_initial_state(1), strict=True):
-        specs.append(tf.TensorSpec((None, *template.shape[1:]), template.dtype, name=name))
-    return specs
+def recurrent_endpoints(names: list[str], templates: list, prefill, step) -> dict:
+    """The `prefill` and `step` endpoints of any recurrent LM whose state is
+    the flat tensors `names` (shaped like `templates`, batch 1).
 
+    `prefill(token_ids)` and `step(token, index, states)` return
+    `(logits, states)`; the endpoints return `{"logits", *names}`, so the
+    states are named signature inputs and outputs.
+    """
 
-def _with_states(runner: RecurrentLM, logits, states) -> dict:
-    return {"logits": logits, **dict(zip(state_names(runner), states, strict=True))}
+    def named(logits, states) -> dict:
+        return {"logits": logits, **dict(zip(names, states, strict=True))}
+
+    state_specs = [
+        tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=name)
+        for name, t in zip(names, templates, strict=True)
+    ]
+    token_ids = tf.TensorSpec((None, None), tf.int32, name="token_ids")
+    token = tf.TensorSpec((None,), tf.int32, name="token")
+    index = tf.TensorSpec((), tf.int32, name="index")
+    return {
+        "prefill": (lambda ids: named(*prefill(ids)), [token_ids]),
+        "step": (
+            lambda tok, idx, *states: named(*step(tok, idx, states)),
+            [token, index, *state_specs],
+        ),
+    }
 
 
 def endpoints(model: keras.Model) -> dict:
@@ -58,19 +75,15 @@ def endpoints(model: keras.Model) -> dict:
     runner = recurrent_or_none(model)
     if runner is None:
         return result
-    token_ids = tf.TensorSpec((None, None), tf.int32, name="token_ids")
-    token = tf.TensorSpec((None,), tf.int32, name="token")
-    index = tf.TensorSpec((), tf.int32, name="index")
-
-    def prefill(tokens):
-        return _with_states(runner, *runner.prefill_graph(tokens))
-
-    def step(tok, idx, *states):
-        return _with_states(runner, *runner.step_graph(tok, states, idx))
-
-    result["prefill"] = (prefill, [token_ids])
-    result["step"] = (step, [token, index, *state_specs(runner)])
-    return result
+    return {
+        **result,
+        **recurrent_endpoints(
+            state_names(runner),
+            runner.get_initial_state(1),
+            runner.prefill_graph,
+            lambda token, index, states: runner.step_graph(token, states, index),
+        ),
+    }
 
 
 def tflite_limits(model: keras.Model) -> dict:

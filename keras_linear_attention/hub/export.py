@@ -15,6 +15,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from keras_linear_attention.export.signatures import recurrent_endpoints
+
 # Each block's state (see `LinearCachedMultiHeadAttention`).
 BLOCK_STATE = ("kv", "k_sum")
 
@@ -35,19 +37,8 @@ def _nested(lm: keras.Model, flat: tuple) -> tuple:
     return tuple(tuple(flat[i : i + size]) for i in range(0, len(flat), size))
 
 
-def _with_states(lm: keras.Model, logits, cache: tuple) -> dict:
-    return {"logits": logits, **dict(zip(state_names(lm), _flat(cache), strict=True))}
-
-
 def endpoints(lm: keras.Model) -> dict:
     """`{name: (fn, input_signature)}` for `serve`, `prefill` and `step`."""
-    ids = tf.TensorSpec((None, None), tf.int32, name="token_ids")
-    mask = tf.TensorSpec((None, None), tf.bool, name="padding_mask")
-    templates = _flat(lm.get_initial_state(1))
-    state_specs = [
-        tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=name)
-        for name, t in zip(state_names(lm), templates, strict=True)
-    ]
 
     def serve(token_ids, padding_mask):
         inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
@@ -56,18 +47,18 @@ def endpoints(lm: keras.Model) -> dict:
     def prefill(token_ids):
         initial = lm.get_initial_state(ops.shape(token_ids)[0])
         logits, _, cache = lm.call_with_cache(token_ids, initial, 0)
-        return _with_states(lm, logits[:, -1], cache)
+        return logits[:, -1], _flat(cache)
 
-    def step(token, index, *states):
+    def step(token, index, states):
         logits, _, cache = lm.call_with_cache(token[:, None], _nested(lm, states), index)
-        return _with_states(lm, logits[:, 0], cache)
+        return logits[:, 0], _flat(cache)
 
-    token = tf.TensorSpec((None,), tf.int32, name="token")
-    index = tf.TensorSpec((), tf.int32, name="index")
+    ids = tf.TensorSpec((None, None), tf.int32, name="token_ids")
+    mask = tf.TensorSpec((None, None), tf.bool, name="padding_mask")
+    templates = _flat(lm.get_initial_state(1))
     return {
         "serve": (serve, [ids, mask]),
-        "prefill": (prefill, [ids]),
-        "step": (step, [token, index, *state_specs]),
+        **recurrent_endpoints(state_names(lm), templates, prefill, step),
     }
 
 
