@@ -199,6 +199,11 @@ def parse_args(argv=None) -> Config:
     )
     p.add_argument("--estimate", action="store_true", help="print the time estimate and exit")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the tasks of an existing quality.json under --out that this run skips",
+    )
     p.add_argument("--data-dir", default=None, help="TFDS data_dir (default: TFDS's)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
@@ -272,6 +277,7 @@ def parse_args(argv=None) -> Config:
         config.jit = not config.quick  # XLA: 1.2-2× faster steps, 3-10 s more compiling
     config.out = out
     config.estimate_only = args.estimate
+    config.merge = args.merge
     return config
 
 
@@ -596,6 +602,10 @@ def run_mqar(config: Config) -> dict:
     for seq_len, kv in config.mqar_cells:
         for width in config.mqar_dims:
             cells.append(mqar_cell(config, seq_len, kv, width, config.kinds))
+            # A long run that is stopped keeps its finished cells.
+            os.makedirs(config.out, exist_ok=True)
+            with open(os.path.join(config.out, "mqar_partial.json"), "w") as f:
+                json.dump(cells, f, indent=1)
     return {
         "cells": cells,
         "layers": config.mqar_layers,
@@ -1005,6 +1015,24 @@ def processor() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+def merge_earlier(report: dict, config: Config) -> dict:
+    """Copy the tasks this run skipped from the quality.json already under
+    `--out`, so that tasks measured in separate runs land in one table; returns
+    {task: date of the run that measured it}."""
+    path = os.path.join(config.out, "quality.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        earlier = json.load(f)
+    meta = earlier.get("meta", {})
+    merged = {}
+    for task in TASKS:
+        if task in earlier and task not in report:
+            report[task] = earlier[task]
+            merged[task] = meta.get("merged", {}).get(task, meta.get("date"))
+    return merged
+
+
 def main(argv=None) -> dict:
     config = parse_args(argv)
     import tensorflow as tf
@@ -1036,6 +1064,7 @@ def main(argv=None) -> dict:
         report[task] = runners[task](config)
         report[task]["seconds"] = time.time() - task_start
         print(f"{task}: {report[task]['seconds']:.0f} s in all", flush=True)
+    merged = merge_earlier(report, config) if getattr(config, "merge", False) else {}
     report["targets"] = targets(report, config.quick)
     report["meta"] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -1044,6 +1073,7 @@ def main(argv=None) -> dict:
         "estimated_seconds": estimate,
         "quick": config.quick,
         "config": {k: v for k, v in vars(config).items()},
+        "merged": merged,
     }
     os.makedirs(config.out, exist_ok=True)
     with open(os.path.join(config.out, "quality.json"), "w") as f:
