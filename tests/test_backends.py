@@ -107,6 +107,35 @@ def test_layer_matches_numpy_from_its_weights(rng, causal):
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_causal_mask_given_by_value_trains_compiled_past_the_short_path(rng):
+    """A dense lower-triangular mask (keras-hub's decoders pass this form)
+    picks the causal path at run time through `ops.cond`. One compiled SGD
+    step at a length past the short path (its chunked gradient inside the
+    cond) equals the step with `use_causal_mask=True` from the same weights."""
+    n, dim = 300, 8
+    x = rng.normal(size=(2, n, dim)).astype("float32")
+    y = rng.normal(size=(2, n, dim)).astype("float32")
+    mask = np.tril(np.ones((n, n), bool))[None].repeat(2, 0)
+
+    def compiled(by_value):
+        keras.utils.set_random_seed(0)
+        inputs = [keras.Input((n, dim))] + ([keras.Input((n, n), dtype="bool")] if by_value else [])
+        layer = kla.LinearMultiHeadAttention(num_heads=2, key_dim=4)
+        if by_value:
+            out = layer(inputs[0], inputs[0], attention_mask=inputs[1])
+        else:
+            out = layer(inputs[0], inputs[0], use_causal_mask=True)
+        model = keras.Model(inputs, out)
+        model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
+        return model
+
+    by_value, by_flag = compiled(True), compiled(False)
+    by_value.train_on_batch([x, mask], y)
+    by_flag.train_on_batch(x, y)
+    for a, b in zip(by_value.weights, by_flag.weights, strict=True):
+        np.testing.assert_allclose(ops.convert_to_numpy(a), ops.convert_to_numpy(b), atol=1e-5)
+
+
 @pytest.mark.parametrize("delta", [False, True])
 @pytest.mark.parametrize("n,chunk", [(1, 4), (13, 4), (40, 16)])
 def test_recurrence_ops_forward_and_gradients_match(rng, delta, n, chunk):

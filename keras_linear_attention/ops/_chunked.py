@@ -157,9 +157,13 @@ def chunked_causal_attention(
     batch, length, heads = shape
     chunk, feat, vdim = chunk_length(q), q.shape[2], v.shape[2]
     groups = batch * heads
-    tril = ops.tril(ops.ones((chunk, chunk), q.dtype))
+    # Built inside each traced function, never closed over: JAX's
+    # custom_gradient under a `cond` (a causal mask decided by its values)
+    # cannot take an array of the enclosing trace as a constant.
+    lower = lambda: ops.tril(ops.ones((chunk, chunk), q.dtype))
 
     def forward(q, k, v, initial_kv, initial_k_sum):
+        tril = lower()
         initial_kv, initial_k_sum = (
             _flat_or_none(initial_kv, groups),
             _flat_or_none(initial_k_sum, groups),
@@ -192,6 +196,7 @@ def chunked_causal_attention(
         )
 
         def grad(*args, upstream=None):
+            tril = lower()
             # TF passes one gradient per output; JAX passes one tuple.
             upstream = args if upstream is None else upstream
             if len(upstream) == 1:
