@@ -42,4 +42,9 @@ def run(cmd: list, cfg: dict, timeout: float) -> dict:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
     reason = "killed (out of memory?)" if proc.returncode < 0 else "error"
-    return {**cfg, "status": f"{reason}: rc {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+    return {
+        **cfg,
+        "status": f"{reason}: rc {proc.returncode}: {proc.stderr.strip()[-300:]}",
+        # The largest peak of any child so far: this one's when it is the largest.
+        "children_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }

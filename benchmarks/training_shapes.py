@@ -18,6 +18,10 @@ machine noise hits all alike; ratios are medians over rounds. Implementations:
   T×S kernel matrix); with `ours_chunked`, the measurement behind the
   default thresholds.
 
+Under `KERAS_BACKEND=jax` the same rows run as `jax.jit(jax.grad(...))` of
+the layer's stateless call (JAX has no graph mode without XLA) and go to
+`training_shapes_jax.json`.
+
 "MHA/x" is Keras MHA's time over x's: above 1, x is faster. `--quick`
 shrinks every size (for the smoke test); its numbers mean nothing.
 """
@@ -35,6 +39,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
@@ -45,6 +50,9 @@ LENGTHS = [32, 64, 128, 256, 512, 1024]
 IMPLS = ["keras_mha", "ours", "ours_chunked", "ours_quadratic"]
 FULL = dict(batch=32, model_dim=256, heads=4, key_dim=64)
 QUICK = dict(batch=2, model_dim=16, heads=2, key_dim=8)
+# Under KERAS_BACKEND=jax the same rows run through jax.jit(jax.grad(...)).
+JAX = keras.backend.backend() == "jax"
+SUFFIX = "_jax" if JAX else ""
 # A threshold no sequence reaches: the short path at every length.
 ALWAYS = 1 << 30
 
@@ -60,9 +68,30 @@ def train_step(impl: str, n: int, causal: bool, jit: bool, shapes: dict):
     """A call that runs one forward+backward pass (input and weight
     gradients) of a fresh layer and waits for the result."""
     layer = _layer(impl, shapes["heads"], shapes["key_dim"])
-    x = tf.random.normal((shapes["batch"], n, shapes["model_dim"]), seed=0)
+    x = np.random.default_rng(0).normal(size=(shapes["batch"], n, shapes["model_dim"]))
+    x = x.astype("float32")
     layer(x[:, :2], x[:, :2])  # build
+    if keras.backend.backend() == "jax":
+        return _jax_train_step(layer, x, causal)
+    return _tf_train_step(layer, tf.constant(x), causal, jit)
 
+
+def _jax_train_step(layer: keras.layers.Layer, x, causal: bool):
+    """`jax.grad` of the stateless call, under `jax.jit` (JAX's only sensible
+    mode: without it every op dispatches eagerly)."""
+    import jax
+
+    def loss(trainable, x):
+        out, _ = layer.stateless_call(trainable, [], x, x, use_causal_mask=causal)
+        return jax.numpy.sum(out)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    weights = [v.value for v in layer.trainable_variables]
+    x = jax.numpy.asarray(x)
+    return lambda: jax.block_until_ready(step(weights, x))
+
+
+def _tf_train_step(layer: keras.layers.Layer, x, causal: bool, jit: bool):
     @tf.function(jit_compile=jit)
     def step(x):
         with tf.GradientTape() as tape:
@@ -98,7 +127,8 @@ def measure(args) -> list[dict]:
 def _print_row(row: dict, impls: list[str]) -> None:
     ms = "  ".join(f"{row['ms'][i]:8.1f}" for i in impls)
     ratios = "  ".join(f"{row['mha_over'][i]:6.2f}" for i in impls[1:])
-    mode, kind = "xla" if row["jit"] else "graph", "causal" if row["causal"] else "full"
+    mode = "jax" if JAX else "xla" if row["jit"] else "graph"
+    kind = "causal" if row["causal"] else "full"
     print(f"{mode:<5} {kind:<6} {row['n']:>5}  {ms}  {ratios}", flush=True)
 
 
@@ -114,6 +144,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
+        "backend": keras.backend.backend(),
     }
 
 
@@ -125,13 +156,15 @@ def main(argv=None) -> dict:
     p.add_argument("--jit", choices=["off", "on", "both"], default="both")
     p.add_argument("--rounds", type=int, default=7, help="rounds per configuration (>= 3)")
     p.add_argument("--budget-s", type=float, default=20.0, help="time per configuration")
-    p.add_argument("--out", default=str(HERE / "results" / "training_shapes.json"))
+    p.add_argument("--out", default=str(HERE / "results" / f"training_shapes{SUFFIX}.json"))
     args = p.parse_args(argv)
     if args.impls[0] != "keras_mha":
         p.error("--impls must start with keras_mha (the baseline of the ratios)")
     if args.lengths is None:
         args.lengths = [8, 16] if args.quick else LENGTHS
     args.jit = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
+    if JAX:
+        args.jit = [True]  # JAX rows are XLA rows (--jit is TensorFlow's choice)
     if args.quick:
         args.jit, args.rounds, args.budget_s = args.jit[:1], 1, 0.0
     shapes = QUICK if args.quick else FULL

@@ -20,8 +20,13 @@ All models of one length are timed in alternation in one process
 (`_timing.interleaved`), so machine noise hits them alike; "x/MHA" is
 tokens/s over Keras MHA's (above 1, x is faster). A model whose step would
 exceed `--max-seconds` (estimated from the previous length, attention
-growing as N² for softmax) is skipped and reported as such. `--quick`
-shrinks every size; its numbers mean nothing.
+growing as N² for softmax) is left out of the alternation and tried once
+instead, in a fresh process under a memory cap (`--probe-gib`, 16 GiB as in
+the suite), with the first timed model beside it for reference: "out of
+memory", or one step's time and peak memory. `--quick`
+shrinks every size; its numbers mean nothing. Under `KERAS_BACKEND=jax` the
+steps are XLA-compiled (JAX's `fit`) and the report goes to
+`training_throughput_jax.json`.
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import _process  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from _timing import interleaved  # noqa: E402
-from training_shapes import machine  # noqa: E402
+from training_shapes import JAX, SUFFIX, machine  # noqa: E402
 
 import keras_linear_attention as kla  # noqa: E402
 
@@ -99,7 +105,11 @@ def measure(args, shapes: dict) -> list[dict]:
         impls = [i for i in args.impls if _fits(i, n, last, args.max_seconds)]
         skipped = [i for i in args.impls if i not in impls]
         fns = {i: train_step(i, n, args.jit, shapes) for i in impls}
-        timing = interleaved(fns, rounds=args.rounds, budget_s=args.budget_s)
+        timing = (
+            interleaved(fns, rounds=args.rounds, budget_s=args.budget_s)
+            if fns
+            else {"seconds": {}, "ratio_to_first": {}, "rounds": 0}
+        )
         tokens = shapes["batch"] * n
         row = {
             "n": n,
@@ -108,12 +118,47 @@ def measure(args, shapes: dict) -> list[dict]:
             "skipped": skipped,
             "rounds": timing["rounds"],
         }
+        if skipped and args.probe_gib > 0:
+            del fns  # the probes get the memory the timed models held
+            keras.backend.clear_session(free_memory=True)
+            row["probes"] = {i: probe_in_subprocess(i, n, args) for i in [*skipped, *impls[:1]]}
         if impls and impls[0] == "keras_mha":
             row["over_mha"] = {i: 1 / r for i, r in timing["ratio_to_first"].items()}
         last = {i: (n, s) for i, s in timing["seconds"].items()}
         rows.append(row)
         _print_row(row, args.impls)
     return rows
+
+
+def probe(impl: str, n: int, jit: bool, shapes: dict) -> dict:
+    """One warm-up and one timed `fit` step in this process, and its peak
+    memory (run by `probe_in_subprocess`, under a memory cap)."""
+    step = train_step(impl, n, jit, shapes)
+    start = time.perf_counter()
+    step()
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    return {
+        "status": "ok",
+        "seconds": seconds,
+        "warmup_seconds": warmup,
+        "tokens_per_s": shapes["batch"] * n / seconds,
+        "peak_rss_mib": _process.peak_rss_mib(),
+    }
+
+
+def probe_in_subprocess(impl: str, n: int, args) -> dict:
+    """A model the time estimate skipped, tried once in a fresh process under
+    `--probe-gib` of address space: does it train at all, and how fast."""
+    cmd = [sys.executable, __file__, "--probe", impl, str(n), "--probe-gib", str(args.probe_gib)]
+    cmd += ["--jit", "on" if args.jit else "off"] + (["--quick"] if args.quick else [])
+    result = _process.run(cmd, {"status": ""}, args.probe_timeout)
+    if "ResourceExhausted" in result["status"] or "bad_alloc" in result["status"]:
+        result["status"] = f"out of memory ({args.probe_gib:g} GiB cap)"
+    print(f"  probe {impl} at N = {n}: {result['status']} {result.get('seconds', '')}", flush=True)
+    return {**result, "memory_cap_gib": args.probe_gib}
 
 
 def _fits(impl: str, n: int, last: dict, max_seconds: float) -> bool:
@@ -129,9 +174,15 @@ def _print_row(row: dict, impls: list[str]) -> None:
     for i in impls:
         tps = row["tokens_per_s"].get(i)
         ratio = row.get("over_mha", {}).get(i)
-        cells.append(
-            "skipped" if tps is None else f"{tps:9.0f}" + (f" ({ratio:.2f})" if ratio else "")
-        )
+        probe = row.get("probes", {}).get(i)
+        if tps is not None:
+            cells.append(f"{tps:9.0f}" + (f" ({ratio:.2f})" if ratio else ""))
+        elif probe is None:
+            cells.append("skipped")
+        elif probe["status"] == "ok":
+            cells.append(f"{probe['tokens_per_s']:9.0f} (1 step)")
+        else:
+            cells.append(probe["status"][:16])
     print(f"{row['n']:>6}  " + "  ".join(f"{c:>16}" for c in cells), flush=True)
 
 
@@ -146,17 +197,30 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--max-seconds", type=float, default=60.0, help="skip a model whose step would take longer"
     )
-    p.add_argument("--out", default=str(HERE / "results" / "training_throughput.json"))
+    p.add_argument(
+        "--probe-gib",
+        type=float,
+        default=16.0,
+        help="try each skipped model once, in a process with this memory cap (0: do not)",
+    )
+    p.add_argument("--probe-timeout", type=float, default=900.0)
+    p.add_argument("--probe", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--out", default=str(HERE / "results" / f"training_throughput{SUFFIX}.json"))
     args = p.parse_args(argv)
-    args.jit = args.jit == "on"
+    args.jit = args.jit == "on" or JAX  # JAX without jit dispatches every op eagerly
     shapes = QUICK if args.quick else FULL
+    if args.probe:
+        _process.limit_memory(args.probe_gib)
+        result = probe(args.probe[0], int(args.probe[1]), args.jit, shapes)
+        print("RESULT " + json.dumps(result), flush=True)
+        return result
     if args.lengths is None:
         args.lengths = [16, 32] if args.quick else LENGTHS
     if args.quick:
         args.rounds, args.budget_s = 1, 0.0
     print(
         f"tokens/s of fit steps (x/MHA), B={shapes['batch']}, width {shapes['hidden_dim']}, "
-        f"{shapes['num_layers']} blocks, {'XLA' if args.jit else 'graph mode'}",
+        f"{shapes['num_layers']} blocks, {'JAX' if JAX else 'XLA' if args.jit else 'graph mode'}",
         flush=True,
     )
     print(f"{'N':>6}  " + "  ".join(f"{i:>16}" for i in args.impls), flush=True)

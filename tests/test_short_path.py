@@ -3,6 +3,8 @@ float64 reference and the chunked / global path: forward and gradients, every
 feature map, key padding, states, float16, lengths around the threshold."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -409,4 +411,25 @@ def test_training_throughput_benchmark_smoke(tmp_path):
     # linear's (64 steps' time) does not.
     assert second["skipped"] == ["keras_mha", "hub_softmax"]
     assert set(second["tokens_per_s"]) == {"ours", "hub_linear"}
+    # The skipped models are tried once each in a capped process, beside ours.
+    assert set(second["probes"]) == {"keras_mha", "hub_softmax", "ours"}
+    assert all(p["status"] == "ok" and p["peak_rss_mib"] > 0 for p in second["probes"].values())
     assert json.loads(out.read_text())["results"][0]["n"] == 8
+
+
+@pytest.mark.smoke
+def test_layer_and_model_benchmarks_run_under_jax(tmp_path):
+    """Both training benchmarks under KERAS_BACKEND=jax (their JAX rows)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    for script, extra in (
+        ("training_shapes.py", ["--lengths", "8"]),
+        ("training_throughput.py", ["--lengths", "16", "--impls", "keras_mha", "ours"]),
+    ):
+        out = tmp_path / script.replace(".py", ".json")
+        cmd = [sys.executable, str(root / "benchmarks" / script), "--quick", "--out", str(out)]
+        subprocess.run(cmd + extra, env=env, check=True, capture_output=True, timeout=600)
+        report = json.loads(out.read_text())
+        assert report["machine"]["backend"] == "jax"
+        # JAX runs compiled: the rows say so (shapes per row, throughput per run).
+        assert all(row.get("jit", report.get("jit")) is True for row in report["results"])
