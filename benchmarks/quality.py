@@ -204,6 +204,12 @@ def parse_args(argv=None) -> Config:
         action="store_true",
         help="keep the tasks of an existing quality.json under --out that this run skips",
     )
+    p.add_argument(
+        "--from-partial",
+        action="store_true",
+        help="MQAR from the finished cells of a stopped run (--out's mqar_partial.json; "
+        "pass that run's flags), without training",
+    )
     p.add_argument("--data-dir", default=None, help="TFDS data_dir (default: TFDS's)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
@@ -278,6 +284,7 @@ def parse_args(argv=None) -> Config:
     config.out = out
     config.estimate_only = args.estimate
     config.merge = args.merge
+    config.from_partial = args.from_partial
     return config
 
 
@@ -606,6 +613,10 @@ def run_mqar(config: Config) -> dict:
             os.makedirs(config.out, exist_ok=True)
             with open(os.path.join(config.out, "mqar_partial.json"), "w") as f:
                 json.dump(cells, f, indent=1)
+    return mqar_report(config, cells)
+
+
+def mqar_report(config: Config, cells: list) -> dict:
     return {
         "cells": cells,
         "layers": config.mqar_layers,
@@ -911,6 +922,10 @@ def markdown(report: dict) -> str:
             "`train s` is the reported run's training time (compilation and evaluation "
             "excluded), `steps` its steps. Chance is about 1/KV (a value from the context).",
             "",
+        ]
+        if mqar.get("from_partial"):
+            lines += ["The cells below are those a stopped run had finished.", ""]
+        lines += [
             "| T, KV | d_model | kind | accuracy | lr | steps | train s | state / sequence "
             "| comparable |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -1058,7 +1073,12 @@ def main(argv=None) -> dict:
         return {"estimate": estimate}
     report: dict = {}
     runners = {"mqar": run_mqar, "lm": run_lm, "pixels": run_pixels}
-    for task in config.tasks:
+    if getattr(config, "from_partial", False):
+        with open(os.path.join(config.out, "mqar_partial.json")) as f:
+            cells = json.load(f)
+        report["mqar"] = {**mqar_report(config, cells), "from_partial": True, "seconds": 0.0}
+        runners = {}
+    for task in (t for t in config.tasks if t in runners):
         print(f"{task}:", flush=True)
         task_start = time.time()
         report[task] = runners[task](config)
