@@ -71,7 +71,7 @@ def train_step(impl: str, n: int, causal: bool, jit: bool, shapes: dict):
     x = np.random.default_rng(0).normal(size=(shapes["batch"], n, shapes["model_dim"]))
     x = x.astype("float32")
     layer(x[:, :2], x[:, :2])  # build
-    if keras.backend.backend() == "jax":
+    if JAX:
         return _jax_train_step(layer, x, causal)
     return _tf_train_step(layer, tf.constant(x), causal, jit)
 
