@@ -136,6 +136,42 @@ def _subtitle(report: dict) -> str:
     )
 
 
+def training_shapes_figure(reports: list, path: Path) -> None:
+    """Keras MHA time / ours against N (`training_shapes.py` runs: TF graph
+    mode, TF XLA and JAX rows of each), causal and not."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, causal in zip(axes, (True, False), strict=True):
+        for report in reports:
+            backend = report["machine"].get("backend", "tensorflow")
+            for jit in (False, True):
+                rows = sorted(
+                    (r for r in report["results"] if (r["causal"], r["jit"]) == (causal, jit)),
+                    key=lambda r: r["n"],
+                )
+                if rows:
+                    label = "JAX (XLA)" if backend == "jax" else f"TF {'XLA' if jit else 'graph'}"
+                    ns = [r["n"] for r in rows]
+                    ax.plot(ns, [r["mha_over"]["ours"] for r in rows], marker="o", label=label)
+        ax.axhline(1.0, color="black", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set(
+            xlabel="sequence length N",
+            title=f"LinearMultiHeadAttention, {'causal' if causal else 'non-causal'}",
+        )
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("Keras MHA time / ours (above 1: ours faster)")
+    axes[0].legend()
+    shapes = reports[0]["shapes"]
+    fig.suptitle(
+        f"forward+backward, B = {shapes['batch']}, dim {shapes['model_dim']}, "
+        f"{shapes['heads']} heads; {reports[0]['machine']['cpu']}, "
+        f"{reports[0]['machine']['cores']} cores"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_all(report: dict, out: Path) -> list:
     paths = [out / "figure1.png", out / "core.png", out / "chunk_sweep.png"]
     for plot, path in zip((figure1, core_figure, sweep_figure), paths, strict=True):

@@ -187,9 +187,27 @@ def main(argv=None) -> dict:
         "results": rows,
         "seconds": time.perf_counter() - start,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    plot(out)
     return report
+
+
+def plot(run: Path) -> Path:
+    """`training_shapes.png` beside `run`, from it and the other backend's
+    run in the same folder (`training_shapes.json`, `training_shapes_jax.json`)."""
+    import figures
+
+    folder = run.parent
+    runs = {run.resolve()} | {
+        p.resolve()
+        for p in (folder / "training_shapes.json", folder / "training_shapes_jax.json")
+        if p.exists()
+    }
+    reports = [json.loads(p.read_text()) for p in sorted(runs)]
+    figures.training_shapes_figure(reports, folder / "training_shapes.png")
+    return folder / "training_shapes.png"
 
 
 if __name__ == "__main__":

@@ -390,6 +390,7 @@ def test_training_shapes_benchmark_smoke(tmp_path):
         assert set(row["ms"]) == set(training_shapes.IMPLS)
         assert all(v > 0 for v in (*row["ms"].values(), *row["mha_over"].values()))
     assert out.read_text().startswith("{")
+    assert (tmp_path / "training_shapes.png").stat().st_size > 0
 
 
 @pytest.mark.smoke
