@@ -131,6 +131,8 @@ class Config:
     kinds: list
     quick: bool = False
     full: bool = False
+    merge: bool = False  # keep the tasks of an earlier quality.json
+    from_partial: bool = False  # MQAR from mqar_partial.json, no training
     seed: int = 0
     jit: bool | None = None
     head_dim: int = 32
@@ -1073,7 +1075,7 @@ def main(argv=None) -> dict:
         return {"estimate": estimate}
     report: dict = {}
     runners = {"mqar": run_mqar, "lm": run_lm, "pixels": run_pixels}
-    if getattr(config, "from_partial", False):
+    if config.from_partial:
         with open(os.path.join(config.out, "mqar_partial.json")) as f:
             cells = json.load(f)
         report["mqar"] = {**mqar_report(config, cells), "from_partial": True, "seconds": 0.0}
@@ -1084,7 +1086,7 @@ def main(argv=None) -> dict:
         report[task] = runners[task](config)
         report[task]["seconds"] = time.time() - task_start
         print(f"{task}: {report[task]['seconds']:.0f} s in all", flush=True)
-    merged = merge_earlier(report, config) if getattr(config, "merge", False) else {}
+    merged = merge_earlier(report, config) if config.merge else {}
     report["targets"] = targets(report, config.quick)
     report["meta"] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),

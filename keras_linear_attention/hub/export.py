@@ -79,7 +79,8 @@ def export_causal_lm(lm: keras.Model, path: str) -> list[str]:
     """
     archive = keras.export.ExportArchive()
     archive.track(lm)
-    for name, (fn, signature) in endpoints(lm).items():
+    signatures = endpoints(lm)
+    for name, (fn, signature) in signatures.items():
         archive.add_endpoint(name, fn, input_signature=signature)
     archive.write_out(path, verbose=False)
-    return list(endpoints(lm))
+    return list(signatures)
