@@ -8,10 +8,11 @@ model dim 512, float32, forward+backward, default graph mode without XLA):
 
 1. Layer time of every recurrence at N = 4096 and 16384, timed in
    alternation with `recurrence="linear"` in one process; ratio per round.
-2. `"gated_delta"` at N = 65536 in a fresh process (its peak RSS), and its
-   time against N = 4096 in that same process.
+2. `"gated_delta"` at N = 65536 alone in a fresh process (its peak RSS),
+   and its time against N = 4096 alternated in another (ratio per round).
 3. Per-token `RecurrentLM.step` latency after a context of 256 and of 16384
-   tokens, for a 2-block LM of each recurrence (width 512, 8 heads).
+   tokens, for a 2-block LM of each recurrence (width 512, 8 heads),
+   alternated in one process; ratio per round.
 4. keras-hub's Qwen3.5 `_chunk_gated_delta_rule` beside `delta_rule_attention`
    on the same inputs at N = 1024 and 4096 (forward), and their largest
    difference (keras-hub L2-normalises q and k and scales q by 1/√d inside;
@@ -77,15 +78,10 @@ def layer_ratios(lengths: list[int], rounds: int) -> dict:
 
 
 def long_sequence(short: int, long: int) -> dict:
-    """Fresh process: `gated_delta` at `short` then `long` tokens."""
-    code = (
-        "import json, sys; sys.path.insert(0, 'benchmarks'); import recurrences as r; "
-        f"print('RESULT ' + json.dumps(r._one_process({short}, {long})))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    result = json.loads(out.split("RESULT ", 1)[1])
+    """`gated_delta` at `long` tokens alone in a fresh process (its peak RSS),
+    then timed against `short` tokens in another."""
+    result = {"peak_rss_mib": _in_fresh_process(f"_peak_memory({long})")}
+    result.update(_in_fresh_process(f"_time_ratio({short}, {long})"))
     print(
         f"gated_delta N={long}: {result['long_s']:.2f} s, {result['ratio']:.1f}x N={short} "
         f"(limit 18x), peak RSS {result['peak_rss_mib']:.0f} MiB (limit 4096)",
@@ -94,14 +90,33 @@ def long_sequence(short: int, long: int) -> dict:
     return result
 
 
-def _one_process(short: int, long: int) -> dict:
-    short_s = timed(_train_step("gated_delta", short), repeats=3, budget_s=30)["seconds"]
-    long_s = timed(_train_step("gated_delta", long), repeats=2, budget_s=60)["seconds"]
+def _in_fresh_process(call: str):
+    code = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); import recurrences as r; "
+        f"print('RESULT ' + json.dumps(r.{call}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out.split("RESULT ", 1)[1])
+
+
+def _peak_memory(long: int) -> float:
+    timed(_train_step("gated_delta", long), repeats=1, budget_s=0)
+    return peak_rss_mib()
+
+
+def _time_ratio(short: int, long: int, rounds: int = 9) -> dict:
+    # Alternated in one process, the ratio taken per round: this machine's
+    # speed drifts by more than the margin being measured (separate timings
+    # of the same code, one process each: 15.8x and 21.4x).
+    fns = {"short": _train_step("gated_delta", short), "long": _train_step("gated_delta", long)}
+    measured = interleaved(fns, rounds=rounds, budget_s=120)
     return {
-        "short_s": short_s,
-        "long_s": long_s,
-        "ratio": long_s / short_s,
-        "peak_rss_mib": peak_rss_mib(),
+        "short_s": measured["seconds"]["short"],
+        "long_s": measured["seconds"]["long"],
+        "ratio": measured["ratio_to_first"]["long"],
+        "rounds": measured["rounds"],
     }
 
 
@@ -127,11 +142,12 @@ def step_latency(contexts: list[int], steps: int) -> dict:
             256, hidden_dim=MODEL_DIM, num_layers=2, num_heads=HEADS, attention=r, position="none"
         )
         runner = kla.RecurrentLM(model)
-        per_context = {
-            c: timed(_decode_call(runner, c, steps), repeats=5, budget_s=20)["seconds"] / steps
-            for c in contexts
-        }
-        ratio = per_context[contexts[-1]] / per_context[contexts[0]]
+        # Alternated, ratio per round: separate timings of the same
+        # constant-size step differed by up to 1.28x.
+        fns = {c: _decode_call(runner, c, steps) for c in contexts}
+        measured = interleaved(fns, rounds=5, budget_s=20)
+        per_context = {c: s / steps for c, s in measured["seconds"].items()}
+        ratio = measured["ratio_to_first"][contexts[-1]]
         print(
             f"step {r:<12} "
             + "  ".join(f"ctx {c}: {1e3 * s:.2f} ms" for c, s in per_context.items())

@@ -207,6 +207,35 @@ def test_segmented_gradients_match_reference(rng, op, mode, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_segmented_gradients_of_outputs_alone(rng, mode, monkeypatch):
+    """A loss on the outputs only (no gradient reaches the final state) and
+    two gradients of one forward pass: the delta rule's hand-written segment
+    backward on TensorFlow must still match the reference."""
+    monkeypatch.setattr(klo.recurrences, "SEGMENT_LENGTH", 16)
+    a = _inputs(rng, "delta", 37, "token", state=True)
+    w = rng.normal(size=(2, 37, H, M))
+    names = sorted(a)
+
+    def grads(a):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([a[name] for name in names])
+            loss = tf.reduce_sum(_op("delta", a, chunk_size=8) * tf.cast(w, tf.float32))
+            twice = 2 * loss
+        first = tape.gradient(loss, [a[name] for name in names])
+        return first + tape.gradient(twice, [a[name] for name in names])
+
+    got = in_mode(grads, mode)(a)
+    a64 = {name: tf.cast(x, tf.float64) for name, x in a.items()}
+    with tf.GradientTape() as tape:
+        tape.watch([a64[name] for name in names])
+        loss = tf.reduce_sum(_reference("delta", a64, tf_ops=True)[0] * w)
+    expected = tape.gradient(loss, [a64[name] for name in names])
+    expected = expected + [2 * g for g in expected]
+    labels = [f"d {name}" for name in names] * 2
+    _check("delta grads of outputs alone", got, expected, "float32", labels, 1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("prompt", [1, 13, 32])
 @pytest.mark.parametrize("op,gate", [("gated", "token"), ("delta", "token"), ("delta", None)])
 def test_prefill_then_steps_equals_parallel(rng, op, gate, prompt, mode):

@@ -27,7 +27,8 @@ batched over every chunk; only the `(D, M)` state passes from chunk to chunk
 summed in closed form by `decayed_exclusive_prefix`, with no scan).
 Gradients are autodiff's (but for the inverse's, written by hand), which
 keeps one state per chunk, never one per token; sequences longer than
-`SEGMENT_LENGTH` are differentiated one rematerialised segment at a time.
+`SEGMENT_LENGTH` are differentiated one recomputed segment at a time (the
+delta rule's on TensorFlow with a hand-written reverse scan of the states).
 `gated_recurrence` and `delta_recurrence` in `tests/reference.py` run the
 same updates token by token in float64.
 """
@@ -223,14 +224,15 @@ def _token_gate(name: str, x: Any, q: Any, acc: str) -> Any:
 
 # Longest sequence whose chunks are differentiated in one piece; see
 # `_segmented_chunks`.
-SEGMENT_LENGTH = 8192
+SEGMENT_LENGTH = 4096
 
 
 def _segmented_chunks(chunked, s0, groups, max_chunk, length):
     """`_chunks` over consecutive segments of at most `SEGMENT_LENGTH` tokens,
-    each rematerialised (`keras.remat`): the backward pass recomputes one
-    segment's intra-chunk tensors at a time instead of keeping all of them
-    (measured, gated_delta at N = 65536: see benchmarks/README.md).
+    whose backward pass recomputes one segment's intra-chunk tensors at a
+    time instead of keeping all of them: `keras.remat`, or on TensorFlow
+    for the delta rule `_delta_segment`, which recomputes them but not the
+    scan (measured, gated_delta at N = 65536: see benchmarks/README.md).
 
     Only a length known when tracing is split; segment c's final state is
     segment c+1's initial state, so gradients flow through it as they do
@@ -256,16 +258,112 @@ def _segmented_chunks(chunked, s0, groups, max_chunk, length):
     # Split, not sliced: a slice's gradient is an input-sized tensor per slice.
     bounds = list(range(per_segment, n, per_segment))
     pieces = [ops.split(x, bounds, axis=1) for x in by_group if x is not None]
+    if has_beta and keras.backend.backend() == "tensorflow":
+        segment = _delta_segment(groups, max_chunk)
+    else:
+        segment = keras.remat(segment)
     for xs in zip(*pieces, strict=True):
         xs = [ops.reshape(x, (-1, *x.shape[2:])) for x in xs]
-        state, out = keras.remat(segment)(ops.reshape(state, dims), *xs)
+        state, out = segment(ops.reshape(state, dims), *xs)
         outs.append(ops.reshape(out, (groups, -1, *out.shape[1:])))
     out = ops.concatenate(outs, axis=1)
     return ops.reshape(out, (-1, *out.shape[2:])), state
 
 
+def _delta_segment(groups: int, max_chunk: int):
+    """A delta-rule segment for `_segmented_chunks` on TensorFlow, `(state,
+    q, k, v, log_gate, beta) → (state, out)`, that keeps only its inputs and
+    the state entering each chunk. Its backward recomputes the intra-chunk
+    tensors (as `keras.remat` would) but not the scan: the states' gradient
+    is one reverse scan, `ḡ_c = ∂S_c + T_cᵀ ḡ_{c+1}`, with one matmul per
+    chunk, and the rest one batched vector-Jacobian product (`keras.remat`
+    replays the forward scan, then autodiff's two matmuls per chunk)."""
+    import tensorflow as tf
+
+    recomputed = {}
+
+    def parts(q, k, v, log_gate, beta):
+        q_in, scores, k_out, b_last, v, w = _within_chunks(q, k, v, log_gate, beta, max_chunk)
+        return (q_in, scores, v, w, *_delta_transition(v, w, k_out, b_last))
+
+    def output(q_in, scores, v, w, prefix):
+        return ops.matmul(q_in, prefix) + ops.matmul(scores, v - ops.matmul(w, prefix))
+
+    @tf.custom_gradient
+    def segment(s0, *inputs):
+        q_in, scores, v, w, transition, added = parts(*inputs)
+        prefix, state = _state_scan(transition, added, s0, groups)
+        out = output(q_in, scores, v, w, prefix)
+
+        def grad(d_state, d_out):
+            d_state = tf.zeros_like(s0) if d_state is None else d_state
+            d_out = tf.zeros_like(inputs[2]) if d_out is None else d_out
+            # Without a dependency TF recomputes every segment at once (5253
+            # MiB at N = 65536 against 3823 for one after the other).
+            with tf.control_dependencies(_recompute_after(recomputed, d_state)):
+                again = [tf.identity(x) for x in inputs]
+            with tf.GradientTape() as tape:
+                tape.watch(again)
+                q_in, scores, v, w, transition, added = parts(*again)
+                out = output(q_in, scores, v, w, prefix)
+            # ∂out/∂S_c: out = q_in·S + scores·(v − w·S).
+            d_entering = tf.matmul(q_in, d_out, transpose_a=True) - tf.matmul(
+                w, tf.matmul(scores, d_out, transpose_a=True), transpose_a=True
+            )
+            recomputed["last"] = d_entering
+            after, d_s0 = _reverse_state_scan(transition, d_entering, d_state, groups)
+            d_inputs = tape.gradient(
+                [out, transition, added],
+                again,
+                output_gradients=[d_out, tf.matmul(after, prefix, transpose_b=True), after],
+                unconnected_gradients="zero",
+            )
+            return (d_s0, *d_inputs)
+
+        return (state, out), grad
+
+    return segment
+
+
+def _recompute_after(recomputed: dict, d_state) -> list:
+    """What a segment's recomputation waits for: the later segment's, once
+    that has run (so at most two segments' tensors are alive, and one's
+    recomputation overlaps the other's sequential reverse scan), else the
+    gradient of the segment's final state."""
+    import tensorflow as tf
+
+    last = recomputed.get("last")
+    if last is not None and getattr(last, "graph", None) is tf.compat.v1.get_default_graph():
+        return [last]
+    return [d_state]
+
+
+def _reverse_state_scan(transition, d_entering, d_state, groups) -> tuple:
+    """The gradients `ḡ_{c+1}` of the states leaving each chunk `(G*n, D, M)`
+    and `ḡ_0` of `s0`, from `ḡ_n = d_state` and `ḡ_c = ∂S_c + T_cᵀ ḡ_{c+1}`."""
+
+    def step(g, x):
+        return ops.matmul(x[0], g) + x[1], (g,)
+
+    back = lambda x: ops.flip(_time_major(x, groups), 0)
+    xs = [back(ops.swapaxes(transition, 1, 2)), back(d_entering)]
+    d_s0, (after,) = _common.scan(step, d_state, xs, (d_state,))
+    return _flat(ops.flip(after, 0)), d_s0
+
+
 def _chunks(q, k, v, log_gate, beta, s0, groups, max_chunk):
     """The chunked algorithm on `(G*n, C, F)` chunks; returns `(out, S_final)`."""
+    q_in, scores, k_out, b_last, v, w = _within_chunks(q, k, v, log_gate, beta, max_chunk)
+    d, m = k.shape[2], v.shape[2]
+    s0 = ops.zeros((groups, d, m), q.dtype) if s0 is None else ops.reshape(s0, (groups, d, m))
+    prefix, u, state = _scan_chunks(v, w, k_out, b_last, s0, groups)
+    return ops.matmul(q_in, prefix) + ops.matmul(scores, u), state
+
+
+def _within_chunks(q, k, v, log_gate, beta, max_chunk) -> tuple:
+    """Every chunk's own tensors, batched over all chunks: queries decayed
+    from the chunk's start, the decayed causal scores, keys decayed to its
+    end, its total log-decay, and its (pseudo-)values and (delta rule) `w`."""
     chunk = _chunked.chunk_length(q)
     swap = lambda x: ops.swapaxes(x, 1, 2)
     b = ops.cumsum(log_gate, axis=1)  # (G*n, C, 1): inclusive, ≤ 0
@@ -279,10 +377,7 @@ def _chunks(q, k, v, log_gate, beta, s0, groups, max_chunk):
         inverse = _unit_lower_inverse(ops.matmul(k * beta, swap(k)) * decay * strict, max_chunk)
         v = ops.matmul(inverse, v * beta)
         w = ops.matmul(inverse, k * (beta * ops.exp(b)))
-    d, m = k.shape[2], v.shape[2]
-    s0 = ops.zeros((groups, d, m), q.dtype) if s0 is None else ops.reshape(s0, (groups, d, m))
-    prefix, u, state = _scan_chunks(v, w, k_out, b_last, s0, groups)
-    return ops.matmul(q * ops.exp(b), prefix) + ops.matmul(scores, u), state
+    return q * ops.exp(b), scores, k_out, b_last, v, w
 
 
 def _unit_lower_inverse(a: Any, max_chunk: int) -> Any:
@@ -337,8 +432,6 @@ def _scan_chunks(v, w, k_out, chunk_log_decay, s0, groups):
     the chunk contributions do not depend on S: they are batched and summed
     in closed form (no scan).
     """
-    time_major = lambda x: ops.moveaxis(ops.reshape(x, (groups, -1, *_dims(x)[1:])), 1, 0)
-    flat = lambda x: ops.reshape(ops.moveaxis(x, 0, 1), (-1, *_dims(x)[2:]))
     if w is None:
         added = ops.matmul(ops.swapaxes(k_out, 1, 2), v)  # (G*n, D, M)
         d, m = added.shape[1], added.shape[2]
@@ -349,13 +442,40 @@ def _scan_chunks(v, w, k_out, chunk_log_decay, s0, groups):
         )
         return ops.reshape(prefix, (-1, d, m)), v, ops.reshape(state, (groups, d, m))
 
-    def delta_step(state, x):
-        u = x[0] - ops.matmul(x[3], state)
-        return state * x[2] + ops.matmul(ops.swapaxes(x[1], 1, 2), u), (state, u)
+    transition, added = _delta_transition(v, w, k_out, chunk_log_decay)
+    prefix, state = _state_scan(transition, added, s0, groups)
+    return prefix, v - ops.matmul(w, prefix), state
 
-    xs = [time_major(x) for x in (v, k_out, ops.exp(chunk_log_decay), w)]
-    state, (prefix, u) = _common.scan(delta_step, s0, xs, (s0, xs[0][0]))
-    return flat(prefix), flat(u), state
+
+def _delta_transition(v, w, k_out, chunk_log_decay) -> tuple:
+    """`S_new = a·S + k_outᵀ(v − w·S) = T·S + A` with `T = a·I − k_outᵀ w`
+    and `A = k_outᵀ v`, batched over every chunk, so that the scan does one
+    matmul per chunk (two before: 483 → 366 ms at 1024 chunks of 8 heads)."""
+    k_t = ops.swapaxes(k_out, 1, 2)
+    eye = ops.eye(w.shape[2], dtype=w.dtype)
+    return ops.exp(chunk_log_decay) * eye - ops.matmul(k_t, w), ops.matmul(k_t, v)
+
+
+def _state_scan(transition, added, s0, groups) -> tuple:
+    """The states entering each chunk `(G*n, D, M)` and leaving the last
+    `(G, D, M)`, of `S_{c+1} = T_c S_c + A_c` from `s0`."""
+
+    def step(state, x):
+        return ops.matmul(x[0], state) + x[1], (state,)
+
+    xs = [_time_major(x, groups) for x in (transition, added)]
+    state, (prefix,) = _common.scan(step, s0, xs, (s0,))
+    return _flat(prefix), state
+
+
+def _time_major(x, groups):
+    """`(G*n, …)` → `(n, G, …)`."""
+    return ops.moveaxis(ops.reshape(x, (groups, -1, *_dims(x)[1:])), 1, 0)
+
+
+def _flat(x):
+    """`(n, G, …)` → `(G*n, …)`."""
+    return ops.reshape(ops.moveaxis(x, 0, 1), (-1, *_dims(x)[2:]))
 
 
 # Chunks per block of the decayed prefix sum; see `decayed_exclusive_prefix`.
