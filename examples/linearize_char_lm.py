@@ -62,6 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--finetune-learning-rate", type=float, default=5e-4)
     p.add_argument("--feature-map", default=None, help="φ (default: linearize's, Hedgehog)")
+    p.add_argument(
+        "--recurrence",
+        default="linear",
+        choices=("linear", "retention", "gated", "delta", "gated_delta"),
+        help="linearize's recurrence (not 'linear': no φ, its gates are the new weights)",
+    )
     p.add_argument("--eval-windows", type=int, default=None, help="held-out windows (all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-jit", action="store_true", help="no XLA (slower on CPU)")
@@ -167,7 +173,7 @@ def main(argv=None) -> dict:
     softmax, seconds = softmax_lm(args, train_ids)
     record("softmax", softmax, args.steps, seconds)
 
-    linear = kla.linearize(softmax, feature_map=args.feature_map)
+    linear = kla.linearize(softmax, feature_map=args.feature_map, recurrence=args.recurrence)
     compile_for(linear, finetune_steps, args.finetune_learning_rate, not args.no_jit)
     record("linearized, no training", linear, 0, 0.0)
 
@@ -186,8 +192,11 @@ def main(argv=None) -> dict:
 
     if not args.no_scratch:
         total = args.steps + args.transfer_steps + finetune_steps
-        # The linearized model's φ (its config), trained from scratch with the rest.
-        scratch = build(args, "linear", linear.get_layer("decoder_0").feature_map)
+        # The linearized model's φ (its config) or recurrence, trained from scratch.
+        if args.recurrence == "linear":
+            scratch = build(args, "linear", linear.get_layer("decoder_0").feature_map)
+        else:
+            scratch = build(args, args.recurrence)
         seconds = train(scratch, args, total, args.learning_rate, 1, train_ids)
         record(f"linear from scratch, {total} steps", scratch, total, seconds)
 
