@@ -14,7 +14,11 @@ default (graph mode, no XLA) or with `--jit on`. Models:
   package's blocks;
 - `hub_softmax`: keras-hub's `TransformerDecoder` stack (its embeddings,
   its masks, `CachedMultiHeadAttention`);
-- `hub_linear`: the same stack with `kla.hub.TransformerDecoder`.
+- `hub_linear`: the same stack with `kla.hub.TransformerDecoder`;
+- `no_mixing`: `keras_mha` with the attention's token mixing taken out (the
+  projected q + k + v go straight to the output projection): a bound, not a
+  model. Its "x/MHA" is the most any attention in these blocks could gain
+  over softmax, the projections and feed-forward being the same.
 
 All models of one length are timed in alternation in one process
 (`_timing.interleaved`), so machine noise hits them alike; "x/MHA" is
@@ -49,7 +53,7 @@ from training_shapes import JAX, SUFFIX, machine  # noqa: E402
 import keras_linear_attention as kla  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-IMPLS = ["keras_mha", "ours", "hub_softmax", "hub_linear"]
+IMPLS = ["keras_mha", "ours", "hub_softmax", "hub_linear", "no_mixing"]
 FULL = dict(batch=8, hidden_dim=256, num_layers=4, num_heads=4, vocabulary_size=256)
 QUICK = dict(batch=2, hidden_dim=16, num_layers=2, num_heads=2, vocabulary_size=32)
 LENGTHS = [512, 2048, 8192]
@@ -75,14 +79,25 @@ def hub_lm(linear: bool, n: int, shapes: dict) -> keras.Model:
 def build(impl: str, n: int, shapes: dict) -> keras.Model:
     if impl.startswith("hub_"):
         return hub_lm(impl == "hub_linear", n, shapes)
-    return kla.build_causal_lm(
+    model = kla.build_causal_lm(
         shapes["vocabulary_size"],
         sequence_length=n,
         hidden_dim=shapes["hidden_dim"],
         num_layers=shapes["num_layers"],
         num_heads=shapes["num_heads"],
-        attention="softmax" if impl == "keras_mha" else "linear",
+        attention="linear" if impl == "ours" else "softmax",
     )
+    if impl == "no_mixing":
+        for layer in model._flatten_layers():
+            if isinstance(layer, keras.layers.MultiHeadAttention):
+                layer._compute_attention = _without_mixing
+    return model
+
+
+def _without_mixing(query, key, value, *args, **kwargs):
+    """Keras MHA's `_compute_attention` with no token mixing: every
+    projection is used, no position sees another."""
+    return query + key + value, None
 
 
 def train_step(impl: str, n: int, jit: bool, shapes: dict):
