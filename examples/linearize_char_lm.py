@@ -173,6 +173,7 @@ def main(argv=None) -> dict:
     softmax, seconds = softmax_lm(args, train_ids)
     record("softmax", softmax, args.steps, seconds)
 
+    keras.utils.set_random_seed(args.seed)  # the new weights' initial values
     linear = kla.linearize(softmax, feature_map=args.feature_map, recurrence=args.recurrence)
     compile_for(linear, finetune_steps, args.finetune_learning_rate, not args.no_jit)
     record("linearized, no training", linear, 0, 0.0)
