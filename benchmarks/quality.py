@@ -72,7 +72,7 @@ KINDS = [
     "gated_delta",
 ]
 LINEAR_TIME = [k for k in KINDS if k != "softmax"]
-PIXEL_KINDS = ["softmax", "linear-elu"]
+PIXEL_KINDS = ["softmax", "linear-elu", "gated", "gated_delta"]
 QUICK_KINDS = ["softmax", "linear-elu"]
 TASKS = ["mqar", "lm", "pixels"]
 FULL_LRS = [3e-3, 1e-3, 1e-2]
@@ -204,7 +204,9 @@ def parse_args(argv=None) -> Config:
     p.add_argument(
         "--merge",
         action="store_true",
-        help="keep the tasks of an existing quality.json under --out that this run skips",
+        help="add what the quality.json under --out holds and this run does not: its "
+        "other tasks; where the settings match, its other char-LM and pixel kinds, its "
+        "other MQAR cells, and each MQAR kind's best run over both learning-rate sweeps",
     )
     p.add_argument(
         "--from-partial",
@@ -589,6 +591,7 @@ def mqar_cell(config: Config, seq_len: int, kv: int, width: int, kinds: list) ->
             "lr": best["lr"],
             "train_seconds": best["seconds"],
             "steps": best["steps"],
+            "learning_rates": config.mqar_lrs,
             "sweep_seconds": sum(r["seconds"] for r in runs),
             "compile_seconds": trainer.compile_seconds,
             "state": state_bytes(model, seq_len),
@@ -851,9 +854,13 @@ def targets(report: dict, quick: bool) -> list:
     pixels = report.get("pixels")
     if pixels and pixels.get("kinds"):
         scores = {k: v["bits_per_dim"] for k, v in pixels["kinds"].items()}
-        rows.append(
-            _ratio_target("Pixels: linear bits/dim ≤ 1.04× softmax", scores, PIXEL_TARGET_RATIO)
-        )
+        name = "Pixels: best linear-time bits/dim ≤ 1.04× softmax"
+        row = _ratio_target(name, scores, PIXEL_TARGET_RATIO)
+        if "ratio" in row and row["best_kind"] != "linear-elu" and "linear-elu" in scores:
+            # The paper's own comparison is softmax against elu+1.
+            elu = scores["linear-elu"] / scores["softmax"]
+            row["status"] += f"; the paper's linear-elu: {elu:.3f}×"
+        rows.append(row)
     return rows
 
 
@@ -907,12 +914,19 @@ def markdown(report: dict) -> str:
         + ".",
         "",
     ]
+    if meta.get("merged"):
+        tasks = ", ".join(f"{task} ({date})" for task, date in meta["merged"].items())
+        lines += [
+            f"Tasks from earlier runs (`--merge`): {tasks}. Rows from earlier runs in "
+            "this run's tasks are listed under their tables.",
+            "",
+        ]
     mqar = report.get("mqar")
     if mqar:
         lines += [
             f"## MQAR ({_count(mqar['layers'], 'layer')}, {mqar['steps']} steps × batch "
             f"{mqar['batch_size']}, {mqar['train_examples']} training examples, best of "
-            f"learning rates {mqar['learning_rates']}, test accuracy on "
+            f"{_learning_rates(mqar)}, test accuracy on "
             f"{mqar['test_examples']} held-out examples)",
             "",
             f"Model: Zoology's, token and learned position embeddings, {mqar['layers']} "
@@ -927,6 +941,7 @@ def markdown(report: dict) -> str:
         ]
         if mqar.get("from_partial"):
             lines += ["The cells below are those a stopped run had finished.", ""]
+        lines += _cell_notes(mqar)
         lines += [
             "| T, KV | d_model | kind | accuracy | lr | steps | train s | state / sequence "
             "| comparable |",
@@ -980,10 +995,55 @@ def markdown(report: dict) -> str:
                 f"| {kind} | {r[metric]:.3f} | {ratio} | {r['train_seconds']:.0f} | "
                 f"{_bytes(r['state'])} |"
             )
+        earlier = {k: r["merged_from"] for k, r in data["kinds"].items() if "merged_from" in r}
+        if earlier:
+            runs = ", ".join(f"{k} ({date})" for k, date in earlier.items())
+            lines += ["", f"From an earlier run of the same settings: {runs}."]
         lines.append("")
     lines += ["## Targets (issue 17)", "", "| target | status |", "|---|---|"]
     lines += [f"| {t['target']} | {t['status']} |" for t in report["targets"]]
     return "\n".join(lines) + "\n"
+
+
+def _cell_name(cell: dict) -> str:
+    return f"({cell['seq_len']}, {cell['num_kv_pairs']}) d_model {cell['d_model']}"
+
+
+def _kinds_by_rates(mqar: dict, cell: dict) -> dict:
+    """{str(learning rates swept): [kinds]} for one cell."""
+    groups = {}
+    for kind, r in cell["kinds"].items():
+        lrs = r.get("learning_rates", cell.get("learning_rates", mqar["learning_rates"]))
+        groups.setdefault(str(lrs), []).append(kind)
+    return groups
+
+
+def _learning_rates(mqar: dict) -> str:
+    tried = {lrs for c in mqar["cells"] for lrs in _kinds_by_rates(mqar, c)}
+    return f"learning rates {tried.pop()}" if len(tried) == 1 else "the learning rates below"
+
+
+def _cell_notes(mqar: dict) -> list:
+    """Lines on what differs between the cells: the learning rates each kind
+    swept, and the kinds merged from an earlier run."""
+    lines = []
+    if _learning_rates(mqar).startswith("the"):
+        tried = "; ".join(
+            f"{_cell_name(c)}: "
+            + ", ".join(f"{lrs} for {', '.join(kinds)}" for lrs, kinds in groups.items())
+            for c in mqar["cells"]
+            for groups in [_kinds_by_rates(mqar, c)]
+        )
+        lines += [f"Learning rates swept: {tried}.", ""]
+    earlier = {}
+    for c in mqar["cells"]:
+        for kind, r in c["kinds"].items():
+            if "merged_from" in r:
+                earlier.setdefault(f"{_cell_name(c)} ({r['merged_from']})", []).append(kind)
+    if earlier:
+        text = "; ".join(f"{cell}: {', '.join(kinds)}" for cell, kinds in earlier.items())
+        lines += [f"From an earlier run of the same settings: {text}.", ""]
+    return lines
 
 
 def plot_mqar(report: dict, path: str) -> None:
@@ -1043,11 +1103,83 @@ def merge_earlier(report: dict, config: Config) -> dict:
         earlier = json.load(f)
     meta = earlier.get("meta", {})
     merged = {}
-    for task in TASKS:
-        if task in earlier and task not in report:
-            report[task] = earlier[task]
-            merged[task] = meta.get("merged", {}).get(task, meta.get("date"))
+    for task in (t for t in TASKS if t in earlier):
+        date = meta.get("merged", {}).get(task, meta.get("date"))  # when it was measured
+        if task not in report:
+            report[task], merged[task] = earlier[task], date
+        elif task == "mqar":
+            _merge_cells(report[task], earlier[task], date)
+        else:
+            _merge_kinds(report[task], earlier[task], date)
     return merged
+
+
+# Settings that make two MQAR runs' cells comparable (the learning rates may
+# differ: a kind keeps its best run over both sweeps, as Zoology reports).
+_MQAR_KEYS = ("layers", "steps", "batch_size", "train_examples", "test_examples", "stop_at")
+
+
+def _merge_cells(mqar: dict, earlier: dict, date) -> None:
+    """Add to this run's MQAR what an earlier run of the same settings
+    measured: its other cells, and in a cell both measured, each kind's best
+    run over both sweeps. Cells are ordered by (T, KV, d_model descending)."""
+    if any(mqar.get(k) != earlier.get(k) for k in _MQAR_KEYS):
+        return
+    key = lambda c: (c["seq_len"], c["num_kv_pairs"], c["d_model"])  # noqa: E731
+    cells = {key(c): _rates_per_kind(mqar, c) for c in mqar["cells"]}
+    for cell in earlier["cells"]:
+        cell = _rates_per_kind(earlier, cell)
+        mine = cells.setdefault(key(cell), {**cell, "kinds": {}})
+        for kind, result in cell["kinds"].items():
+            result = {**result, "merged_from": result.get("merged_from", date)}
+            mine["kinds"][kind] = _best_sweep(mine["kinds"].get(kind), result)
+        mine["kinds"] = {k: mine["kinds"][k] for k in KINDS if k in mine["kinds"]}
+        softmax = mine["kinds"].get("softmax", {}).get("accuracy")
+        mine["softmax_learned"] = None if softmax is None else softmax >= SOFTMAX_LEARNED
+    mqar["cells"] = sorted(cells.values(), key=lambda c: (*key(c)[:2], -c["d_model"]))
+
+
+def _rates_per_kind(mqar: dict, cell: dict) -> dict:
+    """`cell` with each kind's swept learning rates and merge date in its
+    result (older runs kept them per cell, or for the whole run)."""
+    lrs = cell.get("learning_rates", mqar["learning_rates"])
+    kinds = {k: {"learning_rates": lrs, **r} for k, r in cell["kinds"].items()}
+    rest = {k: v for k, v in cell.items() if k not in ("learning_rates", "merged_from")}
+    if "merged_from" in cell:
+        kinds = {k: {"merged_from": cell["merged_from"], **r} for k, r in kinds.items()}
+    return {**rest, "kinds": kinds}
+
+
+def _best_sweep(mine: dict | None, earlier: dict) -> dict:
+    """One kind swept in two runs: the better run (this one's on a tie),
+    with both sweeps' runs, learning rates and seconds."""
+    if mine is None:
+        return earlier
+    best = max(mine, earlier, key=lambda r: r["accuracy"])
+    return {
+        **best,
+        "learning_rates": list(dict.fromkeys(earlier["learning_rates"] + mine["learning_rates"])),
+        "runs": earlier["runs"] + mine["runs"],
+        "sweep_seconds": mine["sweep_seconds"] + earlier["sweep_seconds"],
+    }
+
+
+# Settings that make two runs of a task comparable, kind by kind.
+_RUN_KEYS = ("side", "context", "steps", "batch_size", "width", "layers", "learning_rate")
+
+
+def _merge_kinds(task: dict, earlier: dict, date) -> None:
+    """Add to this run's `task` the kinds an earlier run of the same settings
+    measured and this one did not (softmax first, as the ratios' baseline);
+    each keeps a `merged_from` date."""
+    if any(task.get(k) != earlier.get(k) for k in _RUN_KEYS):
+        return
+    kinds = {}
+    for kind, result in earlier["kinds"].items():
+        if kind not in task["kinds"]:
+            kinds[kind] = {**result, "merged_from": result.get("merged_from", date)}
+    kinds.update(task["kinds"])
+    task["kinds"] = {k: kinds[k] for k in KINDS if k in kinds}
 
 
 def main(argv=None) -> dict:

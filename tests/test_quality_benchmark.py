@@ -147,3 +147,77 @@ def test_quick_run_writes_json_table_and_plot(tmp_path, request):
     table = (out / "quality.md").read_text()
     assert "| (32, 4) | 32 | softmax |" in table and "## Targets" in table
     assert (out / "mqar.png").stat().st_size > 1000
+
+
+def test_merge_keeps_earlier_kinds_only_for_the_same_settings():
+    import quality
+
+    settings = {"side": 28, "steps": 2400, "batch_size": 8, "width": 128, "layers": 2}
+    earlier = {**settings, "kinds": {"softmax": {"bits_per_dim": 3.0}, "gated": {"x": 1}}}
+    task = {**settings, "kinds": {"gated": {"bits_per_dim": 2.9}}}
+    quality._merge_kinds(task, earlier, "2026-11-30 12:31")
+    assert list(task["kinds"]) == ["softmax", "gated"]  # the package's kind order
+    assert task["kinds"]["softmax"] == {"bits_per_dim": 3.0, "merged_from": "2026-11-30 12:31"}
+    assert task["kinds"]["gated"] == {"bits_per_dim": 2.9}  # this run's result wins
+    other = {**settings, "steps": 800, "kinds": {"gated": {"bits_per_dim": 3.1}}}
+    quality._merge_kinds(other, earlier, "2026-11-30 12:31")
+    assert list(other["kinds"]) == ["gated"]
+
+
+def test_merge_adds_earlier_mqar_cells_and_best_sweeps_and_the_table_says_so():
+    import quality
+
+    def result(accuracy, lr):
+        run = {"lr": lr, "accuracy": accuracy}
+        return {"accuracy": accuracy, "lr": lr, "runs": [run], "sweep_seconds": 1.0}
+
+    def cell(seq_len, d_model, **kinds):
+        return {
+            "seq_len": seq_len,
+            "num_kv_pairs": seq_len // 16,
+            "d_model": d_model,
+            "kinds": kinds,
+        }
+
+    settings = dict.fromkeys(quality._MQAR_KEYS, 1)
+    earlier = {
+        **settings,
+        "learning_rates": [1e-3],
+        "cells": [
+            cell(128, 128, softmax=result(0.99, 1e-3)),
+            cell(64, 64, softmax=result(0.98, 1e-3), gated=result(0.5, 1e-3)),
+        ],
+    }
+    mqar = {
+        **settings,
+        "learning_rates": [3e-3],
+        "cells": [cell(64, 64, softmax=result(0.43, 3e-3), gated=result(0.9, 3e-3))],
+    }
+    quality._merge_cells(mqar, earlier, "2026-11-30 10:55")
+    assert [(c["seq_len"], c["d_model"]) for c in mqar["cells"]] == [(64, 64), (128, 128)]
+    softmax, gated = mqar["cells"][0]["kinds"]["softmax"], mqar["cells"][0]["kinds"]["gated"]
+    assert (softmax["accuracy"], softmax["merged_from"]) == (0.98, "2026-11-30 10:55")
+    assert softmax["learning_rates"] == [1e-3, 3e-3] and len(softmax["runs"]) == 2
+    assert gated["accuracy"] == 0.9 and "merged_from" not in gated  # this run's was better
+    assert mqar["cells"][0]["softmax_learned"]
+    assert quality._learning_rates(mqar) == "the learning rates below"
+    notes = " ".join(quality._cell_notes(mqar))
+    assert "(64, 4) d_model 64: [0.001, 0.003] for softmax, gated" in notes
+    assert "(128, 8) d_model 128: [0.001] for softmax" in notes
+    assert "(64, 4) d_model 64 (2026-11-30 10:55): softmax" in notes
+    other = {**settings, "steps": 2, "learning_rates": [3e-3], "cells": []}
+    quality._merge_cells(other, earlier, "2026-11-30 10:55")
+    assert other["cells"] == []
+
+
+def test_merge_keeps_when_a_merged_cell_was_measured():
+    import quality
+
+    settings = dict.fromkeys(quality._MQAR_KEYS, 1)
+    result = {"accuracy": 1.0, "lr": 3e-3, "runs": [], "sweep_seconds": 1.0}
+    old = {"seq_len": 128, "num_kv_pairs": 8, "d_model": 64, "kinds": {"gated": result}}
+    earlier = {**settings, "learning_rates": [3e-3], "cells": [{**old, "merged_from": "10:55"}]}
+    mqar = {**settings, "learning_rates": [1e-3], "cells": []}
+    quality._merge_cells(mqar, earlier, "15:29")
+    assert mqar["cells"][0]["kinds"]["gated"]["merged_from"] == "10:55"
+    assert mqar["cells"][0]["kinds"]["gated"]["learning_rates"] == [3e-3]
