@@ -74,6 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--no-scratch", action="store_true", help="skip the from-scratch model (recipe search)"
     )
+    p.add_argument(
+        "--softmax-same-steps",
+        action="store_true",
+        help="also train softmax for the total steps (which a linearized model approximates)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: numbers mean nothing")
     p.add_argument(
         "--softmax-model", default=None, help=".keras file: reused if it exists, else written"
@@ -200,6 +205,13 @@ def main(argv=None) -> dict:
             scratch = build(args, args.recurrence)
         seconds = train(scratch, args, total, args.learning_rate, 1, train_ids)
         record(f"linear from scratch, {total} steps", scratch, total, seconds)
+    if args.softmax_same_steps:
+        # A linearized model approximates its softmax model: this one, trained
+        # for as many steps, is what it would score as a perfect copy.
+        total = args.steps + args.transfer_steps + finetune_steps
+        longer = build(args, "softmax")
+        seconds = train(longer, args, total, args.learning_rate, 1, train_ids)
+        record(f"softmax, {total} steps", longer, total, seconds)
 
     report = summary(args, rows, time.perf_counter() - start)
     report["deploy"] = deploy(linear, args)

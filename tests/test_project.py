@@ -150,9 +150,11 @@ def test_char_lm_example_smoke(tmp_path):
 @pytest.mark.skipif(shutil.which("bible") is None, reason="Debian package bible-kjv not installed")
 def test_linearize_char_lm_example_smoke():
     # Graph mode: XLA is the transfer tests' business (tests/test_linearize.py).
-    report = _run_example("linearize_char_lm", ["--quick", "--no-jit", "--verbose", "0"])
+    args = ["--quick", "--no-jit", "--verbose", "0", "--softmax-same-steps"]
+    report = _run_example("linearize_char_lm", args)
     stages = [row["stage"] for row in report["stages"]]
-    assert stages[0] == "softmax" and stages[-1].startswith("linear from scratch")
+    assert stages[0] == "softmax" and stages[-2].startswith("linear from scratch")
+    assert stages[-1] == "softmax, 54 steps"  # 40 + 10 transfer + 4 fine-tune
     assert all(0 < row["bits"] < 8.5 for row in report["stages"])
     assert report["deploy"]["signatures"] == ["serve", "prefill", "step"]
     assert report["deploy"]["tflite_step_max_abs_error"] < 1e-3
