@@ -11,8 +11,9 @@ out, as `datasets.kjv_bible` splits it):
 4. fine-tune the whole model for at most 10% of the softmax training steps;
 
 and beside it, the same linear model trained from scratch for as many steps
-as stages 1, 3 and 4 together. Prints held-out bits per character after
-each stage (lower is better) and, with `--out`, writes them as JSON.
+as stages 1, 3 and 4 together (and, with `--softmax-same-steps`, softmax
+too). Prints held-out bits per character after each stage (lower is better)
+and, with `--out`, writes them as JSON.
 
     python examples/linearize_char_lm.py               # the full run (tens of minutes)
     python examples/linearize_char_lm.py --quick       # smoke run, < 1 minute: numbers mean nothing
