@@ -598,13 +598,12 @@ def mqar_cell(config: Config, seq_len: int, kv: int, width: int, kinds: list) ->
             "parameters": int(model.count_params()),
             "runs": runs,
         }
-    softmax = results.get("softmax", {}).get("accuracy")
     return {
         "seq_len": seq_len,
         "num_kv_pairs": kv,
         "d_model": width,
         "vocab_size": vocab,
-        "softmax_learned": None if softmax is None else softmax >= SOFTMAX_LEARNED,
+        "softmax_learned": _softmax_learned(results),
         "kinds": results,
     }
 
@@ -619,6 +618,12 @@ def run_mqar(config: Config) -> dict:
             with open(os.path.join(config.out, "mqar_partial.json"), "w") as f:
                 json.dump(cells, f, indent=1)
     return mqar_report(config, cells)
+
+
+def _softmax_learned(kinds: dict) -> bool | None:
+    """Whether softmax learned a cell (None: not run), which makes it comparable."""
+    softmax = kinds.get("softmax", {}).get("accuracy")
+    return None if softmax is None else softmax >= SOFTMAX_LEARNED
 
 
 def mqar_report(config: Config, cells: list) -> dict:
@@ -1012,29 +1017,33 @@ def _cell_name(cell: dict) -> str:
 def _kinds_by_rates(mqar: dict, cell: dict) -> dict:
     """{str(learning rates swept): [kinds]} for one cell."""
     groups = {}
-    for kind, r in cell["kinds"].items():
-        lrs = r.get("learning_rates", cell.get("learning_rates", mqar["learning_rates"]))
-        groups.setdefault(str(lrs), []).append(kind)
+    for kind, r in _rates_per_kind(mqar, cell)["kinds"].items():
+        groups.setdefault(str(r["learning_rates"]), []).append(kind)
     return groups
 
 
+def _sweeps(mqar: dict) -> set:
+    """The distinct learning-rate sweeps of every kind in every cell."""
+    return {lrs for c in mqar["cells"] for lrs in _kinds_by_rates(mqar, c)}
+
+
 def _learning_rates(mqar: dict) -> str:
-    tried = {lrs for c in mqar["cells"] for lrs in _kinds_by_rates(mqar, c)}
-    return f"learning rates {tried.pop()}" if len(tried) == 1 else "the learning rates below"
+    sweeps = _sweeps(mqar)
+    return f"learning rates {sweeps.pop()}" if len(sweeps) == 1 else "the learning rates below"
 
 
 def _cell_notes(mqar: dict) -> list:
     """Lines on what differs between the cells: the learning rates each kind
     swept, and the kinds merged from an earlier run."""
     lines = []
-    if _learning_rates(mqar).startswith("the"):
-        tried = "; ".join(
-            f"{_cell_name(c)}: "
-            + ", ".join(f"{lrs} for {', '.join(kinds)}" for lrs, kinds in groups.items())
-            for c in mqar["cells"]
-            for groups in [_kinds_by_rates(mqar, c)]
-        )
-        lines += [f"Learning rates swept: {tried}.", ""]
+    if len(_sweeps(mqar)) > 1:
+        tried = []
+        for c in mqar["cells"]:
+            groups = _kinds_by_rates(mqar, c).items()
+            tried.append(
+                f"{_cell_name(c)}: " + ", ".join(f"{lrs} for {', '.join(k)}" for lrs, k in groups)
+            )
+        lines += [f"Learning rates swept: {'; '.join(tried)}.", ""]
     earlier = {}
     for c in mqar["cells"]:
         for kind, r in c["kinds"].items():
@@ -1134,8 +1143,7 @@ def _merge_cells(mqar: dict, earlier: dict, date) -> None:
             result = {**result, "merged_from": result.get("merged_from", date)}
             mine["kinds"][kind] = _best_sweep(mine["kinds"].get(kind), result)
         mine["kinds"] = {k: mine["kinds"][k] for k in KINDS if k in mine["kinds"]}
-        softmax = mine["kinds"].get("softmax", {}).get("accuracy")
-        mine["softmax_learned"] = None if softmax is None else softmax >= SOFTMAX_LEARNED
+        mine["softmax_learned"] = _softmax_learned(mine["kinds"])
     mqar["cells"] = sorted(cells.values(), key=lambda c: (*key(c)[:2], -c["d_model"]))
 
 

@@ -197,8 +197,8 @@ def main(argv=None) -> dict:
     seconds = train(linear, args, finetune_steps, args.finetune_learning_rate, 3, train_ids)
     record(f"+ fine-tune ({finetune_steps} steps)", linear, finetune_steps, seconds)
 
+    total = args.steps + args.transfer_steps + finetune_steps
     if not args.no_scratch:
-        total = args.steps + args.transfer_steps + finetune_steps
         # The linearized model's φ (its config) or recurrence, trained from scratch.
         if args.recurrence == "linear":
             scratch = build(args, "linear", linear.get_layer("decoder_0").feature_map)
@@ -209,7 +209,6 @@ def main(argv=None) -> dict:
     if args.softmax_same_steps:
         # A linearized model approximates its softmax model: this one, trained
         # for as many steps, is what it would score as a perfect copy.
-        total = args.steps + args.transfer_steps + finetune_steps
         longer = build(args, "softmax")
         seconds = train(longer, args, total, args.learning_rate, 1, train_ids)
         record(f"softmax, {total} steps", longer, total, seconds)
